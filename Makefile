@@ -1,0 +1,35 @@
+# The two commands of the README: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install serve test lint models clean
+
+install: $(STAMP)
+
+# Reinstall whenever the package metadata changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/servekit serve $(ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+# Rebuild the example ONNX models from scikit-learn's bundled digits data.
+models: install
+	$(BIN)/python -m servekit.examples.build
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

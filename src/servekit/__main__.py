@@ -1,0 +1,3 @@
+from servekit.cli.main import main
+
+main()

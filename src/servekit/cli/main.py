@@ -1,0 +1,48 @@
+"""The `servekit` command."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from servekit import __version__
+from servekit.cli.options import options_from
+from servekit.config.settings import ServerSettings
+from servekit.observability.logging import configure_logging
+
+
+@click.group()
+@click.version_option(__version__, prog_name="servekit")
+def cli() -> None:
+    """Serve versioned models over TF Serving REST and KServe V2."""
+
+
+@cli.command()
+@options_from(ServerSettings)
+def serve(**flags: Any) -> None:
+    """Serve models until Ctrl-C or SIGTERM."""
+    given = {name: value for name, value in flags.items() if value is not None}
+    try:
+        settings = ServerSettings(**given)
+    except ValidationError as exc:
+        raise click.UsageError(_describe(exc)) from None
+    configure_logging(settings.log_level, settings.log_format, settings.access_log)
+    # Imported after logging is set up, and only for this command, because it loads uvicorn.
+    from servekit.server.runner import serve as run_server
+
+    run_server(settings)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"--{location}: {message}" if location else message)
+    return "; ".join(lines)
+
+
+def main() -> None:
+    cli()

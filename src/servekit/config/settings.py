@@ -1,0 +1,71 @@
+"""Server settings: one typed model from which the command line is derived.
+
+Every setting is also read from an environment variable `SERVEKIT_<NAME>` (for example
+`SERVEKIT_REST_API_PORT`); a command-line flag wins over the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class ServerSettings(BaseSettings):
+    """Settings of `servekit serve`; names follow TF Serving's flags where one exists."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SERVEKIT_", extra="forbid", protected_namespaces=()
+    )
+
+    rest_api_port: int = Field(
+        8501, ge=0, le=65535, description="Port of the REST API; 0 picks a free port."
+    )
+    rest_api_host: str = Field(
+        "127.0.0.1",
+        description="Address the REST API binds to; use 0.0.0.0 to accept remote clients.",
+    )
+    model_name: str = Field(
+        "default", description="Name clients use for the model at --model_base_path."
+    )
+    model_base_path: Path | None = Field(
+        None, description="Directory of one model's numbered version directories."
+    )
+    model_repository: Path | None = Field(
+        None,
+        description="Directory with one folder per model; serves each of them. Without this "
+        "or --model_base_path, the built-in example models are served.",
+    )
+    tensorflow_intra_op_parallelism: int = Field(
+        0, ge=0, description="Threads inside one operator of a runtime; 0 lets it choose."
+    )
+    tensorflow_inter_op_parallelism: int = Field(
+        0, ge=0, description="Operators a runtime runs at once; 0 lets it choose."
+    )
+    max_request_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES,
+        gt=0,
+        description="Largest request body accepted, in bytes; larger ones get 413.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level of log lines written to stderr."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log line format: plain text, or one JSON object per line."
+    )
+    access_log: bool = Field(
+        False, description="Log one line per HTTP request with its status, time and request id."
+    )
+
+    @model_validator(mode="after")
+    def _check_model_source(self) -> ServerSettings:
+        if self.model_base_path is not None and self.model_repository is not None:
+            raise ValueError("give either --model_base_path or --model_repository, not both")
+        for path in (self.model_base_path, self.model_repository):
+            if path is not None and not path.is_dir():
+                raise ValueError(f"model directory {path} does not exist or is not a directory")
+        return self

@@ -1,0 +1,196 @@
+"""A servable: one loaded version of a model, with its lifecycle state."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from servekit.core.errors import InternalError, InvalidInputError, UnavailableError
+from servekit.core.types import InferenceRequest, InferenceResponse, Signature
+from servekit.runtimes.base import Runtime, RuntimeNotFoundError, RuntimeOptions, runtime_for
+
+logger = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """A histogram child (or anything else) that records a duration in seconds."""
+
+    def observe(self, amount: float) -> None: ...
+
+
+class State(enum.IntEnum):
+    """Lifecycle states, with TF Serving's names and numbers."""
+
+    UNKNOWN = 0
+    START = 10
+    LOADING = 20
+    AVAILABLE = 30
+    UNLOADING = 40
+    END = 50
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    """The state of one version and, after a failed load, why it failed."""
+
+    version: int
+    state: State
+    error_code: str = "OK"
+    error_message: str = ""
+
+
+class Servable:
+    """Runtime + signature + state for one version.
+
+    `load` and `unload` block and run outside the event loop; `infer` is called on the loop and
+    hands the computation to this servable's own thread.
+    """
+
+    def __init__(
+        self, model_name: str, version: int, directory: Path, inference_seconds: Observer
+    ) -> None:
+        self.model_name = model_name
+        self.version = version
+        self.directory = directory
+        self.state = State.START
+        self.error_code = "OK"
+        self.error_message = ""
+        self.load_seconds = 0.0
+        self.platform = ""
+        self._runtime: Runtime | None = None
+        self._signature: Signature | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._inference_seconds = inference_seconds
+
+    @property
+    def signature(self) -> Signature:
+        if self._signature is None:
+            raise UnavailableError(self._unavailable_message())
+        return self._signature
+
+    @property
+    def status(self) -> VersionStatus:
+        return VersionStatus(self.version, self.state, self.error_code, self.error_message)
+
+    def load(self, options: RuntimeOptions) -> None:
+        """Load the version's files; on failure, end in END with the error kept for status."""
+        self.state = State.LOADING
+        started = time.monotonic()
+        try:
+            runtime = runtime_for(self.directory, options)
+            self._signature = runtime.load(self.directory)
+        except Exception as exc:
+            # The message reaches clients through the status API, so the server's own
+            # directory layout is replaced by the model and version it stands for.
+            reason = str(exc).replace(str(self.directory), f"{self.model_name}/{self.version}")
+            self.state = State.END
+            self.error_code = "NOT_FOUND" if isinstance(exc, RuntimeNotFoundError) else "UNKNOWN"
+            self.error_message = f"failed to load: {reason}"
+            logger.error(
+                "failed to load model %s version %d from %s: %s",
+                self.model_name,
+                self.version,
+                self.directory,
+                exc,
+            )
+            return
+        self._runtime = runtime
+        self.platform = runtime.platform
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"servekit-{self.model_name}-{self.version}"
+        )
+        self.load_seconds = time.monotonic() - started
+        self.state = State.AVAILABLE
+        logger.info(
+            "loaded model %s version %d in %.2f s", self.model_name, self.version, self.load_seconds
+        )
+
+    def unload(self) -> None:
+        """Stop taking work, wait for running calls, and release the runtime."""
+        if self.state is not State.AVAILABLE:
+            return
+        self.state = State.UNLOADING
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        if self._runtime is not None:
+            self._runtime.unload()
+        self._runtime = None
+        self.state = State.END
+        logger.info("unloaded model %s version %d", self.model_name, self.version)
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Validate a request against the signature and run it on this version."""
+        runtime, executor = self._runtime, self._executor
+        if self.state is not State.AVAILABLE or runtime is None or executor is None:
+            raise UnavailableError(self._unavailable_message())
+        signature = self.signature
+        self._check_inputs(request.inputs, signature)
+        outputs = self._requested_outputs(request.outputs, signature)
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                executor, self._predict, runtime, request.inputs, outputs
+            )
+        except InvalidInputError:
+            raise
+        except Exception as exc:
+            logger.exception(
+                "inference failed on model %s version %d", self.model_name, self.version
+            )
+            raise InternalError("inference failed; the server log has details") from exc
+        return InferenceResponse(self.model_name, self.version, results)
+
+    def _predict(
+        self,
+        runtime: Runtime,
+        inputs: dict[str, np.ndarray[Any, Any]],
+        outputs: tuple[str, ...],
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        # Runs in the servable's thread, so the time excludes waiting for that thread.
+        started = time.perf_counter()
+        try:
+            return runtime.predict(inputs, outputs)
+        finally:
+            self._inference_seconds.observe(time.perf_counter() - started)
+
+    def _check_inputs(self, inputs: dict[str, np.ndarray[Any, Any]], signature: Signature) -> None:
+        for name in inputs:
+            if signature.input(name) is None:
+                expected = ", ".join(signature.input_names)
+                raise InvalidInputError(
+                    f"unknown input {name!r}; model {self.model_name} takes: {expected}"
+                )
+        for spec in signature.inputs:
+            array = inputs.get(spec.name)
+            if array is None:
+                raise InvalidInputError(f"missing input {spec.name!r}")
+            spec.check(array)
+
+    def _requested_outputs(
+        self, requested: tuple[str, ...] | None, signature: Signature
+    ) -> tuple[str, ...]:
+        if requested is None:
+            return signature.output_names
+        for name in requested:
+            if signature.output(name) is None:
+                expected = ", ".join(signature.output_names)
+                raise InvalidInputError(
+                    f"unknown output {name!r}; model {self.model_name} has: {expected}"
+                )
+        return requested
+
+    def _unavailable_message(self) -> str:
+        message = (
+            f"model {self.model_name} version {self.version} is not available: {self.state.name}"
+        )
+        if self.error_message:
+            message += f" ({self.error_message})"
+        return message

@@ -1,0 +1,65 @@
+"""The runtime contract and the choice of runtime for a version directory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from servekit.core.types import Signature
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """Thread settings passed to every runtime; 0 lets the runtime choose."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+
+class Runtime(Protocol):
+    """Loads one version's files and runs inference on them.
+
+    `predict` is called from a worker thread, never from the event loop, and only after `load`.
+    """
+
+    # V2 platform string, such as "onnx_onnxv1".
+    platform: str
+
+    def load(self, directory: Path) -> Signature:
+        """Load the model files in `directory` and return their signature."""
+        ...
+
+    def predict(
+        self, inputs: dict[str, np.ndarray[Any, Any]], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Compute the named outputs from validated inputs."""
+        ...
+
+    def unload(self) -> None:
+        """Release the model's memory; `predict` is not called afterwards."""
+        ...
+
+
+class RuntimeNotFoundError(Exception):
+    """A version directory holds no file that any runtime loads."""
+
+
+def runtime_for(directory: Path, options: RuntimeOptions) -> Runtime:
+    """Pick the runtime for a version directory from the model file it contains."""
+    # Imported here so that a runtime's heavy dependencies load only when it is used.
+    from servekit.runtimes.onnx import OnnxRuntime
+    from servekit.runtimes.python import PythonRuntime
+
+    candidates: list[tuple[str, type[OnnxRuntime] | type[PythonRuntime]]] = [
+        (OnnxRuntime.model_file, OnnxRuntime),
+        (PythonRuntime.model_file, PythonRuntime),
+    ]
+    for file_name, runtime_class in candidates:
+        if (directory / file_name).is_file():
+            return runtime_class(options)
+    expected = " or ".join(file_name for file_name, _ in candidates)
+    raise RuntimeNotFoundError(f"no model file found: expected {expected}")

@@ -1,0 +1,80 @@
+"""Plain Python models: a `model.py` that defines a `Model` class.
+
+The class declares its signature and computes outputs with numpy::
+
+    class Model:
+        inputs = [("text", "BYTES", [-1])]
+        outputs = [("length", "INT64", [-1])]
+
+        def load(self, directory):          # optional
+            ...
+
+        def predict(self, inputs):
+            return {"length": np.array([len(t) for t in inputs["text"]], dtype=np.int64)}
+
+`predict` receives and returns a dict of numpy arrays. BYTES tensors are object arrays of
+`bytes`. It runs in a worker thread, so it may block.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from servekit.core.types import DataType, Signature, TensorSpec
+from servekit.runtimes.base import RuntimeOptions
+
+_module_ids = itertools.count()
+
+
+class PythonRuntime:
+    """Runs the `Model` class of a version's `model.py`."""
+
+    platform = "python"
+    model_file = "model.py"
+
+    def __init__(self, options: RuntimeOptions) -> None:
+        self._options = options
+        self._model: Any = None
+        self._output_dtypes: dict[str, np.dtype[Any]] = {}
+
+    def load(self, directory: Path) -> Signature:
+        # A unique module name per load keeps two versions of one model apart.
+        module_name = f"servekit_model_{next(_module_ids)}"
+        spec = importlib.util.spec_from_file_location(module_name, directory / self.model_file)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {self.model_file}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.Model()
+        if hasattr(model, "load"):
+            model.load(directory)
+        signature = Signature(
+            inputs=tuple(_tensor_spec(item) for item in model.inputs),
+            outputs=tuple(_tensor_spec(item) for item in model.outputs),
+        )
+        self._model = model
+        self._output_dtypes = {spec.name: spec.datatype.numpy_dtype for spec in signature.outputs}
+        return signature
+
+    def predict(
+        self, inputs: dict[str, np.ndarray[Any, Any]], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        results = self._model.predict(inputs)
+        # Cast to the declared datatype so a model returning float64 for FP32 stays in contract.
+        return {
+            name: np.asarray(results[name], dtype=self._output_dtypes[name]) for name in outputs
+        }
+
+    def unload(self) -> None:
+        self._model = None
+
+
+def _tensor_spec(item: tuple[str, str, Sequence[int]]) -> TensorSpec:
+    name, datatype, shape = item
+    return TensorSpec(name, DataType.from_v2(datatype), tuple(int(dim) for dim in shape))

@@ -1,0 +1,118 @@
+"""The ASGI application: lifespan, dispatch to protocol routes, errors and request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from servekit.core.errors import NotFoundError, ServekitError, shorten
+from servekit.core.manager import ModelManager
+from servekit.observability.metrics import CONTENT_TYPE, Metrics
+from servekit.server.http import (
+    ClientDisconnectedError,
+    Receive,
+    Request,
+    Response,
+    Scope,
+    Send,
+    error_response,
+)
+from servekit.server.tfserving_routes import TFServingRoutes
+from servekit.server.v2_routes import V2Routes
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("servekit.access")
+
+
+class ServekitApp:
+    """Serves one ModelManager over TF Serving REST, KServe V2 REST and `/metrics`."""
+
+    def __init__(
+        self, manager: ModelManager, metrics: Metrics, max_request_body_bytes: int
+    ) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.max_request_body_bytes = max_request_body_bytes
+        # Set by the runner once the socket is bound, for the startup log line.
+        self.address = ""
+        self._tfserving = TFServingRoutes(manager)
+        self._v2 = V2Routes(manager)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self._startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await asyncio.get_running_loop().run_in_executor(None, self.manager.unload_all)
+                logger.info("servekit stopped")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _startup(self) -> None:
+        # Loading blocks on file reads and runtime set-up, so it runs off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self.manager.load_all)
+        logger.info("serving REST API on %s", self.address or "an ASGI server")
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request = Request.from_scope(scope, receive, self.max_request_body_bytes)
+        try:
+            response = await self._dispatch(request)
+        except ClientDisconnectedError:
+            logger.debug("client disconnected before sending %s", shorten(request.raw_path))
+            return
+        except ServekitError as exc:
+            self._log_error(request, exc)
+            response = error_response(exc)
+        except Exception as exc:
+            logger.exception("unhandled error on %s %s", request.method, shorten(request.raw_path))
+            response = error_response(exc)
+        await response.send(send, request.request_id)
+        elapsed = time.perf_counter() - started
+        self._observe(request, response.status, elapsed)
+        if access_logger.isEnabledFor(logging.INFO):
+            access_logger.info(
+                "%s %s %d %.1fms id=%s",
+                request.method,
+                shorten(request.raw_path),
+                response.status,
+                elapsed * 1000,
+                request.request_id,
+            )
+
+    async def _dispatch(self, request: Request) -> Response:
+        path = request.raw_path
+        if path[:4].lower() == "/v1/":
+            return await self._tfserving.handle(request)
+        if path == "/v2" or path.startswith("/v2/"):
+            return await self._v2.handle(request)
+        if path == "/metrics":
+            return Response(200, self.metrics.render(), CONTENT_TYPE)
+        raise NotFoundError(f"unknown path {shorten(path)}")
+
+    def _observe(self, request: Request, status: int, elapsed: float) -> None:
+        if request.metric_model is None:
+            return
+        labels = (request.metric_model, request.metric_version, request.protocol, str(status))
+        self.metrics.requests.labels(*labels).inc()
+        self.metrics.request_duration.labels(*labels).observe(elapsed)
+
+    @staticmethod
+    def _log_error(request: Request, exc: ServekitError) -> None:
+        # Server faults were already logged with their traceback where they were caught.
+        logger.warning(
+            "%s %s -> %d: %s",
+            request.method,
+            shorten(request.raw_path),
+            exc.http_status,
+            exc.message,
+        )

@@ -1,0 +1,110 @@
+"""Minimal ASGI request and response helpers used by the route modules."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from servekit.core.errors import InternalError, PayloadTooLargeError, ServekitError
+from servekit.protocols.jsoncodec import dump_json
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON_TYPE = "application/json"
+_MAX_REQUEST_ID = 128
+logger = logging.getLogger(__name__)
+
+
+class ClientDisconnectedError(Exception):
+    """The client closed the connection before its request body arrived."""
+
+
+@dataclass(slots=True)
+class Request:
+    """An HTTP request: method, undecoded path, lower-case headers and a body reader."""
+
+    method: str
+    raw_path: str
+    headers: dict[str, str]
+    receive: Receive
+    body_limit: int
+    request_id: str
+    # Set by inference routes so the app can count the request under its model and version.
+    metric_model: str | None = None
+    metric_version: str = ""
+    protocol: str = ""
+
+    @classmethod
+    def from_scope(cls, scope: Scope, receive: Receive, body_limit: int) -> Request:
+        raw = scope.get("raw_path") or scope["path"].encode()
+        headers = {
+            key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]
+        }
+        request_id = headers.get("x-request-id", "")
+        if not request_id or len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
+            request_id = uuid.uuid4().hex
+        return cls(scope["method"], raw.decode("latin-1"), headers, receive, body_limit, request_id)
+
+    async def body(self) -> bytes:
+        """Read the whole body, raising PayloadTooLargeError as soon as it passes the limit."""
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.body_limit:
+            raise self._too_large(int(declared))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnectedError
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.body_limit:
+                raise self._too_large(size)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self, size: int) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"request body of {size} bytes or more exceeds the limit of {self.body_limit} bytes "
+            "(set by --max_request_body_bytes)"
+        )
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+    headers: dict[str, str] = field(default_factory=dict)
+
+    async def send(self, send: Send, request_id: str) -> None:
+        headers = [
+            (b"content-type", self.content_type.encode()),
+            (b"content-length", str(len(self.body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        headers.extend((key.encode(), value.encode()) for key, value in self.headers.items())
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def json_response(document: Any, status: int = 200) -> Response:
+    return Response(status, dump_json(document))
+
+
+def error_response(exc: BaseException) -> Response:
+    """Map any exception to a JSON error response; unexpected ones become a generic 500."""
+    if not isinstance(exc, ServekitError):
+        exc = InternalError("internal server error; the server log has details")
+    headers = exc.headers()
+    if isinstance(exc, PayloadTooLargeError):
+        # The rest of the body is never read, so the connection cannot be reused.
+        headers["connection"] = "close"
+    return Response(exc.http_status, dump_json({"error": exc.message}), headers=headers)

@@ -1,0 +1,68 @@
+"""Start the HTTP server for a set of settings and run it until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+
+from servekit.config.settings import ServerSettings
+from servekit.core.manager import ModelManager
+from servekit.examples import EXAMPLE_REPOSITORY
+from servekit.observability.metrics import Metrics
+from servekit.repository.layout import ModelSource, sources_in_repository
+from servekit.runtimes.base import RuntimeOptions
+from servekit.server.app import ServekitApp
+
+logger = logging.getLogger(__name__)
+
+
+def model_sources(settings: ServerSettings) -> list[ModelSource]:
+    """List the models the settings name; the example repository when they name none."""
+    if settings.model_base_path is not None:
+        return [ModelSource(settings.model_name, settings.model_base_path)]
+    repository = settings.model_repository or EXAMPLE_REPOSITORY
+    return sources_in_repository(repository)
+
+
+def build_app(settings: ServerSettings) -> ServekitApp:
+    options = RuntimeOptions(
+        intra_op_threads=settings.tensorflow_intra_op_parallelism,
+        inter_op_threads=settings.tensorflow_inter_op_parallelism,
+    )
+    metrics = Metrics()
+    manager = ModelManager(model_sources(settings), options, metrics)
+    return ServekitApp(manager, metrics, settings.max_request_body_bytes)
+
+
+def serve(settings: ServerSettings) -> None:
+    """Bind the REST port, load the models and serve until stopped."""
+    app = build_app(settings)
+    sock = _bind(settings.rest_api_host, settings.rest_api_port)
+    host, port = sock.getsockname()[:2]
+    app.address = f"http://{_format_host(host)}:{port}"
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+    )
+    # uvicorn installs its own SIGINT and SIGTERM handlers: both stop accepting connections,
+    # let running requests finish, then run the lifespan shutdown that unloads the models.
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,82 @@
+"""TF Serving REST routes: `/v1/models/NAME[/versions/N | /labels/L][:VERB | /metadata]`.
+
+Matching follows TF Serving: the fixed words are case-insensitive, a version is decimal
+digits only, and anything else under `/v1/` is a 400 `Malformed request`. A percent-encoded
+colon (`%3Apredict`) is decoded before matching, because some HTTP clients encode `:` in
+paths. A percent-encoded slash is decoded only after matching, so `%2F` stays part of the model
+name and never acts as a path separator.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from servekit.core.errors import InvalidInputError, UnimplementedError, shorten
+from servekit.core.manager import ModelManager
+from servekit.observability.metrics import UNKNOWN_MODEL
+from servekit.protocols import tfserving
+from servekit.protocols.jsoncodec import parse_json
+from servekit.server.http import Request, Response, json_response
+
+PROTOCOL = "tfserving"
+_PATH = re.compile(
+    r"/v1/models/(?P<name>[^/:]+)"
+    r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?::(?P<verb>[^/:]+)|(?P<metadata>/metadata))?",
+    re.IGNORECASE,
+)
+_ENCODED_COLON = re.compile("%3a", re.IGNORECASE)
+
+
+class TFServingRoutes:
+    def __init__(self, manager: ModelManager) -> None:
+        self._manager = manager
+
+    async def handle(self, request: Request) -> Response:
+        path = _ENCODED_COLON.sub(":", request.raw_path)
+        match = _PATH.fullmatch(path)
+        if match is None:
+            if path.rstrip("/").lower() == "/v1/models" and not path.endswith("/"):
+                raise InvalidInputError("Missing model name in request.")
+            raise self._malformed(request)
+        name = unquote(match["name"])
+        version = int(match["version"]) if match["version"] is not None else None
+        if match["label"] is not None:
+            raise InvalidInputError(
+                f"Unrecognized servable version label: {shorten(unquote(match['label']))}"
+            )
+        verb = match["verb"].lower() if match["verb"] is not None else None
+        if verb is None:
+            if request.method != "GET":
+                raise self._malformed(request)
+            if match["metadata"] is not None:
+                return self._metadata(name, version)
+            return json_response(tfserving.encode_status(self._manager.status(name, version)))
+        if request.method != "POST" or verb not in ("predict", "classify", "regress"):
+            raise self._malformed(request)
+        if verb != "predict":
+            raise UnimplementedError(
+                f"the {verb} API is not supported by this server; use :predict"
+            )
+        return await self._predict(request, name, version)
+
+    async def _predict(self, request: Request, name: str, version: int | None) -> Response:
+        request.protocol = PROTOCOL
+        request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
+        body = tfserving.parse_predict_body(parse_json(await request.body()))
+        servable = self._manager.resolve(name, version)
+        request.metric_version = str(servable.version)
+        tfserving.check_signature_name(body.signature_name)
+        inference_request, row_format = tfserving.decode_predict(body, servable.signature)
+        response = await servable.infer(inference_request)
+        return json_response(tfserving.encode_predict(response, row_format))
+
+    def _metadata(self, name: str, version: int | None) -> Response:
+        servable = self._manager.resolve(name, version)
+        document = tfserving.encode_metadata(name, servable.version, servable.signature)
+        return json_response(document)
+
+    @staticmethod
+    def _malformed(request: Request) -> InvalidInputError:
+        return InvalidInputError(f"Malformed request: {request.method} {shorten(request.raw_path)}")

@@ -1,0 +1,108 @@
+"""KServe V2 REST routes under `/v2`.
+
+Paths are case-sensitive, as the protocol says. Each path segment is percent-decoded on its
+own, so an encoded slash stays inside a model name. Versions are decimal integers.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from servekit.core.errors import InvalidInputError, MethodNotAllowedError, NotFoundError, shorten
+from servekit.core.manager import ModelManager
+from servekit.core.servable import State
+from servekit.observability.metrics import UNKNOWN_MODEL
+from servekit.protocols import v2
+from servekit.server.http import Request, Response, json_response
+
+PROTOCOL = "v2"
+_DIGITS = re.compile("[0-9]+")
+_MODEL_PATH = re.compile(
+    r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?"
+)
+
+
+class V2Routes:
+    def __init__(self, manager: ModelManager) -> None:
+        self._manager = manager
+
+    async def handle(self, request: Request) -> Response:
+        path = request.raw_path
+        if path in ("/v2", "/v2/"):
+            _require(request, "GET")
+            return json_response(v2.server_metadata())
+        if path == "/v2/health/live":
+            _require(request, "GET")
+            return json_response({"live": True})
+        if path == "/v2/health/ready":
+            _require(request, "GET")
+            return self._server_ready()
+        match = _MODEL_PATH.fullmatch(path)
+        if match is None:
+            raise NotFoundError(f"unknown path {shorten(path)}")
+        name = unquote(match["name"])
+        version = _version(match["version"])
+        action = match["action"]
+        if action == "/infer":
+            _require(request, "POST")
+            return await self._infer(request, name, version)
+        _require(request, "GET")
+        if action == "/ready":
+            return self._model_ready(name, version)
+        return self._model_metadata(name, version)
+
+    def _server_ready(self) -> Response:
+        ready, reason = self._manager.ready()
+        if ready:
+            return json_response({"ready": True})
+        return json_response({"ready": False, "error": reason}, status=503)
+
+    def _model_ready(self, name: str, version: int | None) -> Response:
+        servable = self._manager.resolve(name, version)
+        if servable.state is State.AVAILABLE:
+            return json_response({"name": name, "ready": True})
+        reason = f"model {name} version {servable.version} is {servable.state.name}"
+        return json_response({"name": name, "ready": False, "error": reason}, status=503)
+
+    def _model_metadata(self, name: str, version: int | None) -> Response:
+        servable = self._manager.resolve(name, version)
+        document = v2.encode_model_metadata(
+            name,
+            self._manager.available_versions(name),
+            servable.platform,
+            servable.signature,
+        )
+        return json_response(document)
+
+    async def _infer(self, request: Request, name: str, version: int | None) -> Response:
+        request.protocol = PROTOCOL
+        request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
+        body = await request.body()
+        servable = self._manager.resolve(name, version)
+        request.metric_version = str(servable.version)
+        inference_request, options = v2.decode_infer(body, request.headers.get(v2.HEADER_LENGTH))
+        response = await servable.infer(inference_request)
+        payload, json_length = v2.encode_infer(response, inference_request.id, options)
+        if json_length is None:
+            return Response(200, payload)
+        headers = {v2.HEADER_LENGTH: str(json_length)}
+        return Response(200, payload, "application/octet-stream", headers)
+
+
+def _version(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not _DIGITS.fullmatch(text):
+        raise InvalidInputError(
+            f"invalid version {shorten(unquote(text))!r}: a version is a non-negative integer"
+        )
+    return int(text)
+
+
+def _require(request: Request, method: str) -> None:
+    if request.method != method:
+        raise MethodNotAllowedError(
+            f"{request.method} is not allowed on {shorten(request.raw_path)}; use {method}",
+            (method,),
+        )
