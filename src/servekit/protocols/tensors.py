@@ -1,9 +1,10 @@
 """Conversion of JSON tensor values (nested lists of scalars) to numpy arrays.
 
 Both REST protocols share it. Values are checked strictly: a ragged list, a string where a
-number is expected, a `null`, a bool for a number, a fraction for an integer or an integer out of
-range is a 400, never a silent conversion. numpy alone would do each of those conversions
-without complaint (for example `None` becomes NaN in a float array).
+number is expected, a `null`, a fraction for an integer or an integer out of range is a 400,
+never a silent conversion. numpy alone would do each of those conversions without complaint
+(for example `None` becomes NaN in a float array). One conversion is allowed on purpose, as
+numpy does it: `true` and `false` in a numeric input read as 1 and 0.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def _kind_fits(array: np.ndarray[Any, Any], datatype: DataType) -> bool:
     if target == "b":
         return kind == "b"
     if target in "iu":
-        return kind in "iu"
-    return kind in "iuf"
+        return kind in "biu"
+    return kind in "biuf"
 
 
 def _cast(array: np.ndarray[Any, Any], datatype: DataType, name: str) -> np.ndarray[Any, Any]:
@@ -83,7 +84,7 @@ def _check_number(leaf: Any, datatype: DataType, name: str) -> None:
                 f"{name} has {_describe(leaf)}, but {expected} needs true or false"
             )
         return
-    if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
+    if not isinstance(leaf, (int, float)):
         raise InvalidInputError(f"{name} has {_describe(leaf)}, but {expected} needs numbers")
     if datatype.numpy_dtype.kind in "iu" and not isinstance(leaf, int):
         raise InvalidInputError(f"{name} has {_describe(leaf)}, but {expected} needs integers")

@@ -69,7 +69,7 @@ def _decode_rows(instances: Any, signature: Signature) -> dict[str, np.ndarray[A
         raise InvalidInputError("No values in 'instances' array")
     if len(signature.inputs) == 1 and not _all_named(instances, signature):
         spec = signature.inputs[0]
-        return {spec.name: _array(instances, spec, "'instances'")}
+        return {spec.name: _array(instances, spec, " in 'instances'")}
     for index, row in enumerate(instances):
         if not isinstance(row, dict):
             raise InvalidInputError(
@@ -82,7 +82,7 @@ def _decode_rows(instances: Any, signature: Signature) -> dict[str, np.ndarray[A
                 f"are {_names(signature)}; every instance must name each input exactly once"
             )
     return {
-        spec.name: _array([row[spec.name] for row in instances], spec, f"'instances' {spec.name!r}")
+        spec.name: _array([row[spec.name] for row in instances], spec, " in 'instances'")
         for spec in signature.inputs
     }
 
@@ -98,7 +98,7 @@ def _decode_columns(inputs: Any, signature: Signature) -> dict[str, np.ndarray[A
         isinstance(inputs, dict) and set(inputs) == {signature.inputs[0].name}
     ):
         spec = signature.inputs[0]
-        return {spec.name: _array(inputs, spec, "'inputs'")}
+        return {spec.name: _array(inputs, spec, "")}
     if not isinstance(inputs, dict):
         raise InvalidInputError(
             f"'inputs' must be an object keyed by input name ({_names(signature)})"
@@ -113,12 +113,12 @@ def _decode_columns(inputs: Any, signature: Signature) -> dict[str, np.ndarray[A
     for spec in signature.inputs:
         if spec.name not in inputs:
             raise InvalidInputError(f"Missing named input: {spec.name} in 'inputs' object.")
-        arrays[spec.name] = _array(inputs[spec.name], spec, f"'inputs' {spec.name!r}")
+        arrays[spec.name] = _array(inputs[spec.name], spec, "")
     return arrays
 
 
 def _array(value: Any, spec: TensorSpec, where: str) -> np.ndarray[Any, Any]:
-    return array_from_json(value, spec.datatype, f"input {spec.name!r} in {where}", allow_b64=True)
+    return array_from_json(value, spec.datatype, f"input {spec.name!r}{where}", allow_b64=True)
 
 
 def encode_predict(response: InferenceResponse, row_format: bool) -> dict[str, Any]:

@@ -87,7 +87,15 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 def decode_infer(body: bytes, header_length: str | None) -> tuple[InferenceRequest, OutputOptions]:
     """Decode an inference request body into a request and the client's output options."""
     json_part, binary = split_body(body, header_length)
-    document = parse_json(json_part)
+    try:
+        document = parse_json(json_part)
+    except InvalidInputError as exc:
+        if header_length is not None:
+            raise
+        raise InvalidInputError(
+            f"{exc.message}; a body with binary tensor data needs the "
+            "Inference-Header-Content-Length header"
+        ) from None
     if not isinstance(document, dict):
         raise InvalidInputError("the request body must be a JSON object")
     request_id = document.get("id")
