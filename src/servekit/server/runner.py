@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -51,9 +55,33 @@ def serve(settings: ServerSettings) -> None:
         log_config=None,
         server_header=False,
     )
-    # uvicorn installs its own SIGINT and SIGTERM handlers: both stop accepting connections,
-    # let running requests finish, then run the lifespan shutdown that unloads the models.
-    uvicorn.Server(config).run(sockets=[sock])
+    _Server(config).run(sockets=[sock])
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, exiting with status 0 after a graceful stop.
+
+    SIGINT and SIGTERM stop accepting connections, let running requests finish, then run the
+    lifespan shutdown that unloads the models. uvicorn itself raises the signal again once it
+    has shut down, so the process would end with a signal status; servekit returns instead.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self._stop) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, sig: int, frame: object) -> None:
+        logger.info("received %s, stopping", signal.Signals(sig).name)
+        self.handle_exit(sig, None)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -64,9 +64,11 @@ class TFServingRoutes:
     async def _predict(self, request: Request, name: str, version: int | None) -> Response:
         request.protocol = PROTOCOL
         request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
-        body = tfserving.parse_predict_body(parse_json(await request.body()))
+        # The model is resolved before the body is read, so an unknown model is a 404 whatever
+        # the body holds, and every later error is counted under the version.
         servable = self._manager.resolve(name, version)
         request.metric_version = str(servable.version)
+        body = tfserving.parse_predict_body(parse_json(await request.body()))
         tfserving.check_signature_name(body.signature_name)
         inference_request, row_format = tfserving.decode_predict(body, servable.signature)
         response = await servable.infer(inference_request)

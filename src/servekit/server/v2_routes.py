@@ -78,9 +78,9 @@ class V2Routes:
     async def _infer(self, request: Request, name: str, version: int | None) -> Response:
         request.protocol = PROTOCOL
         request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
-        body = await request.body()
         servable = self._manager.resolve(name, version)
         request.metric_version = str(servable.version)
+        body = await request.body()
         inference_request, options = v2.decode_infer(body, request.headers.get(v2.HEADER_LENGTH))
         response = await servable.infer(inference_request)
         payload, json_length = v2.encode_infer(response, inference_request.id, options)

@@ -1,0 +1,110 @@
+"""Starting and stopping the server process."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, assert_json_error
+from tests.toy_models import write_adder
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stops_cleanly_on_signal(toy_repository: Path, sig: int) -> None:
+    server = ServerProcess("--model_repository", str(toy_repository))
+    assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+    assert server.stop(sig) == 0
+    assert "unloaded model adder version 1" in server.log
+    assert "Traceback" not in server.log
+
+
+def test_logs_each_loaded_version_with_time(toy_repository: Path) -> None:
+    server = ServerProcess("--model_repository", str(toy_repository))
+    _ = server.url
+    server.stop()
+    loaded = re.findall(r"loaded model (\w+) version (\d+) in (\d+\.\d+) s", server.log)
+    assert {name for name, _, _ in loaded} == {
+        path.name for path in toy_repository.iterdir() if path.is_dir()
+    }
+
+
+def test_binds_loopback_by_default(toy_repository: Path) -> None:
+    server = ServerProcess("--model_repository", str(toy_repository))
+    assert server.url.startswith("http://127.0.0.1:")
+    server.stop()
+
+
+def test_single_model_flags(tmp_path: Path) -> None:
+    write_adder(tmp_path, name="base")
+    server = ServerProcess("--model_name", "plus", "--model_base_path", str(tmp_path / "base"))
+    response = httpx.post(f"{server.url}/v1/models/plus:predict", json={"instances": [[1, 2, 3]]})
+    server.stop()
+    assert response.status_code == 200
+    assert response.json() == {"predictions": [[2.0, 3.0, 4.0]]}
+
+
+def test_kebab_case_flags_and_json_logs(toy_repository: Path) -> None:
+    server = ServerProcess("--model-repository", str(toy_repository), "--log-format", "json")
+    _ = server.url
+    server.stop()
+    records = [json.loads(line) for line in server.lines]
+    assert any(record["message"].startswith("loaded model adder") for record in records)
+    assert all(set(record) >= {"time", "level", "logger", "message"} for record in records)
+
+
+def test_access_log_has_request_id(toy_repository: Path) -> None:
+    server = ServerProcess("--model_repository", str(toy_repository), "--access_log")
+    response = httpx.get(f"{server.url}/v2/health/live", headers={"x-request-id": "abc-123"})
+    server.stop()
+    assert response.headers["x-request-id"] == "abc-123"
+    assert "GET /v2/health/live 200" in server.log
+    assert "id=abc-123" in server.log
+
+
+def test_generated_request_id(toy: httpx.Client) -> None:
+    first = toy.get("/v2/health/live").headers["x-request-id"]
+    second = toy.get("/v2/health/live").headers["x-request-id"]
+    assert first
+    assert first != second
+    assert_json_error(toy.get("/nowhere"), 404)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--rest_api_port", "70000"], "rest_api_port"),
+        (["--model_base_path", "/nonexistent/models"], "does not exist"),
+        (["--model_base_path", ".", "--model_repository", "."], "not both"),
+        (["--log_format", "xml"], "xml"),
+        (["--no_such_flag"], "no_such_flag"),
+    ],
+)
+def test_invalid_flags(flags: list[str], expected: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "servekit", "serve", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_tf_serving_flags() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "servekit", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    for flag in ("--rest_api_port", "--rest_api_host", "--model_name", "--model_base_path"):
+        assert flag in result.stdout
