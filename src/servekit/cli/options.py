@@ -34,7 +34,9 @@ def _option(name: str, info: FieldInfo) -> Callable[[F], F]:
     snake = f"--{name}"
     kebab = f"--{name.replace('_', '-')}"
     names = [snake] if snake == kebab else [snake, kebab]
-    help_text = f"{info.description} [default: {info.default}]"
+    help_text = info.description or ""
+    if info.default is not None:
+        help_text += f" [default: {info.default}]"
     annotation = _unwrap_optional(info.annotation)
     if annotation is bool:
         negative = f"--no_{name}"
