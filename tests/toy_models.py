@@ -1,6 +1,6 @@
 """Small models with known behaviour, written into a temporary repository for the tests.
 
-ONNX models are built with the onnx helper API and run by ONNX Runtime; models that need byte
+ONNX models are built with the onnx helper API and run by ONNX Runtime. Models that need byte
 strings or every datatype are plain Python models (`model.py`).
 """
 

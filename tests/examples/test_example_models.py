@@ -61,35 +61,24 @@ def test_digits_over_tfserving_matches_in_process(
     assert (served_labels == labels).mean() > 0.95
 
 
-def test_digits_over_v2_json_matches_in_process(
-    triton_client: Any, held_out: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_digits_over_v2_matches_in_process(
+    triton_client: Any,
+    held_out: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
+    binary: bool,
 ) -> None:
     pixels, _ = held_out
     expected_labels, expected_probabilities = run_in_process(DIGITS_FILE, {"pixels": pixels})
     tensor = triton.InferInput("pixels", list(pixels.shape), "FP32")
-    tensor.set_data_from_numpy(pixels, binary_data=False)
+    tensor.set_data_from_numpy(pixels, binary_data=binary)
     outputs = [
-        triton.InferRequestedOutput("label", binary_data=False),
-        triton.InferRequestedOutput("probabilities", binary_data=False),
+        triton.InferRequestedOutput("label", binary_data=binary),
+        triton.InferRequestedOutput("probabilities", binary_data=binary),
     ]
-    result = triton_client.infer("digits", [tensor], outputs=outputs, request_id="digits-json")
-    assert result.get_response()["id"] == "digits-json"
-    assert np.array_equal(result.as_numpy("label"), expected_labels)
-    assert np.array_equal(result.as_numpy("probabilities"), expected_probabilities)
-
-
-def test_digits_over_v2_binary_matches_in_process(
-    triton_client: Any, held_out: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
-) -> None:
-    pixels, _ = held_out
-    expected_labels, expected_probabilities = run_in_process(DIGITS_FILE, {"pixels": pixels})
-    tensor = triton.InferInput("pixels", list(pixels.shape), "FP32")
-    tensor.set_data_from_numpy(pixels, binary_data=True)
-    outputs = [
-        triton.InferRequestedOutput("label", binary_data=True),
-        triton.InferRequestedOutput("probabilities", binary_data=True),
-    ]
-    result = triton_client.infer("digits", [tensor], outputs=outputs, model_version="1")
+    result = triton_client.infer(
+        "digits", [tensor], outputs=outputs, model_version="1", request_id="digits-1"
+    )
+    assert result.get_response()["id"] == "digits-1"
     assert np.array_equal(result.as_numpy("label"), expected_labels)
     assert np.array_equal(result.as_numpy("probabilities"), expected_probabilities)
 

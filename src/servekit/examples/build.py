@@ -2,7 +2,7 @@
 
     python -m servekit.examples.build [OUTPUT_DIR]
 
-Needs the `dev` extra (scikit-learn, skl2onnx, onnx, scipy) at the versions it pins; with those,
+Needs the `dev` extra (scikit-learn, skl2onnx, onnx, scipy) at the versions it pins. With those,
 the ONNX files come out byte for byte the same as the committed ones. Nothing is downloaded.
 
 - `digits/1/model.onnx`: standard scaling and logistic regression on the 64 pixel values exactly

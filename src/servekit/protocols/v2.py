@@ -32,7 +32,7 @@ _DIGITS = re.compile("[0-9]+")
 
 @dataclass(slots=True)
 class OutputOptions:
-    """How the client wants outputs returned: as JSON `data` or as binary chunks."""
+    """The client's choice between JSON `data` and binary chunks for each output."""
 
     binary_default: bool = False
     binary: dict[str, bool] = field(default_factory=dict)
@@ -265,7 +265,7 @@ def _bytes_elements(chunk: memoryview, count: int, label: str) -> np.ndarray[Any
         offset += length
     if len(elements) != count:
         raise InvalidInputError(
-            f"{label} binary data holds {len(elements)} elements, but its shape needs {count}"
+            f"{label} binary data contains {len(elements)} elements, but its shape needs {count}"
         )
     array = np.empty(count, dtype=object)
     array[:] = elements
@@ -311,7 +311,7 @@ def _json_data(name: str, array: np.ndarray[Any, Any]) -> Any:
         return object_array_to_lists(array.ravel(), bytes.decode)
     except UnicodeDecodeError:
         raise InvalidInputError(
-            f"output {name!r} holds bytes that are not valid UTF-8, so JSON cannot carry them; "
+            f"output {name!r} contains bytes that are not valid UTF-8, so JSON cannot carry them; "
             "request it with the parameter binary_data: true"
         ) from None
 

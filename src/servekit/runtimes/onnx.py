@@ -96,7 +96,7 @@ def _to_text(array: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
         return np.vectorize(bytes.decode, otypes=[object])(array) if array.size else array
     except UnicodeDecodeError:
         raise InvalidInputError(
-            f"input {name!r} holds bytes that are not valid UTF-8, "
+            f"input {name!r} contains bytes that are not valid UTF-8, "
             "but ONNX string tensors hold UTF-8 text"
         ) from None
 

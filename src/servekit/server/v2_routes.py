@@ -1,6 +1,6 @@
 """KServe V2 REST routes under `/v2`.
 
-Paths are case-sensitive, as the protocol says. Each path segment is percent-decoded on its
+Paths are case-sensitive, as the protocol specifies. Each path segment is percent-decoded on its
 own, so an encoded slash stays inside a model name. Versions are decimal integers.
 """
 
