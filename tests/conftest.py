@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -22,7 +22,13 @@ STARTUP_SECONDS = 60
 
 
 class ServerProcess:
-    """A `servekit serve` subprocess whose stderr is collected by a reader thread."""
+    """A `servekit serve` subprocess whose stderr is collected by a reader thread.
+
+    Every instance is stopped at the end of the test session at the latest, so a failing test
+    that skips its own `stop` still leaves no process behind.
+    """
+
+    running: ClassVar[list[ServerProcess]] = []
 
     def __init__(self, *flags: str) -> None:
         command = [sys.executable, "-m", "servekit", "serve", "--rest_api_port", "0", *flags]
@@ -38,6 +44,7 @@ class ServerProcess:
         self._started = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        ServerProcess.running.append(self)
 
     def _read(self) -> None:
         assert self.process.stderr is not None
@@ -72,7 +79,14 @@ class ServerProcess:
         self._reader.join(5)
         if self.process.stderr is not None:
             self.process.stderr.close()
+        if self in ServerProcess.running:
+            ServerProcess.running.remove(self)
         return self.process.returncode
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for server in list(ServerProcess.running):
+        server.stop(signal.SIGKILL, timeout=5)
 
 
 @pytest.fixture(scope="session")
@@ -119,12 +133,3 @@ def assert_json_error(response: httpx.Response, status: int) -> str:
     assert body["error"]
     assert "Traceback" not in response.text
     return str(body["error"])
-
-
-def wait_until(predicate: object, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
