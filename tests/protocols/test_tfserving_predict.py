@@ -195,7 +195,8 @@ def test_b64_rejects_url_safe_and_unpadded(toy: httpx.Client, text: str) -> None
 def test_b64_object_with_extra_key(toy: httpx.Client) -> None:
     body = '{"instances": [{"b64": "aW1hZ2UgYnl0ZXM=", "extra": 1}]}'
     message = assert_json_error(post(toy, "/v1/models/echo:predict", body), 400)
-    assert "BYTES needs strings" in message
+    assert "'extra'" in message
+    assert "the model's inputs are 'text'" in message
 
 
 def test_b64_object_for_float_input(toy: httpx.Client) -> None:
@@ -274,13 +275,33 @@ def test_wrong_values_for_float_input(toy: httpx.Client, instances: str, expecte
     [
         ("[[1.5, 2]]", "needs integers"),
         ("[[1, 9223372036854775808]]", "out of range"),
-        ("[[1, 99999999999999999999999]]", "needs integers"),
+        ("[[1, 99999999999999999999999]]", "out of range"),
     ],
 )
 def test_wrong_values_for_integer_input(toy: httpx.Client, instances: str, expected: str) -> None:
     body = f'{{"inputs": {{"tokens": {instances}}}}}'
     message = assert_json_error(post(toy, "/v1/models/seqlen:predict", body), 400)
     assert expected in message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"inputs": {"nope": [[1, 2, 3]]}}',
+        '{"instances": [{"nope": [1, 2, 3]}]}',
+        '{"instances": [{"x": [1, 2, 3], "extra": 1}]}',
+    ],
+)
+def test_single_input_unknown_name(toy: httpx.Client, body: str) -> None:
+    message = assert_json_error(post(toy, ADDER, body), 400)
+    assert "'nope'" in message or "'extra'" in message
+    assert "'x'" in message
+
+
+@pytest.mark.parametrize("value", ["1e39", "10000000000000000000000000000000000000000"])
+def test_float_overflow_rejected(toy: httpx.Client, value: str) -> None:
+    message = assert_json_error(post(toy, ADDER, f'{{"instances": [[1, 2, {value}]]}}'), 400)
+    assert "out of range for FP32" in message
 
 
 def test_booleans_read_as_numbers(toy: httpx.Client) -> None:

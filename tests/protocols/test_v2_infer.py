@@ -432,11 +432,31 @@ def test_every_datatype_json(toy: httpx.Client) -> None:
         assert output["data"] == EXAMPLE_VALUES[name], name
 
 
-def test_every_datatype_out_of_range(toy: httpx.Client) -> None:
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("UINT8", [0, 256]),
+        ("INT8", [-129, 0]),
+        ("UINT64", [0, 18446744073709551616]),
+        ("INT64", [-9223372036854775809, 0]),
+        ("FP16", [70000.0, 0]),
+        ("FP32", [1e39, 0]),
+    ],
+)
+def test_values_out_of_range(toy: httpx.Client, datatype: str, data: list[object]) -> None:
     inputs = [
         {"name": name.lower(), "shape": [2], "datatype": name, "data": EXAMPLE_VALUES[name]}
         for name in ALL_TYPES
     ]
-    inputs[1]["data"] = [0, 256]
+    inputs[ALL_TYPES.index(datatype)]["data"] = data
     message = assert_json_error(infer(toy, "/v2/models/identity/infer", {"inputs": inputs}), 400)
-    assert "out of range for UINT8" in message
+    assert f"out of range for {datatype}" in message
+
+
+def test_percent_encoded_version(toy: httpx.Client) -> None:
+    assert toy.get("/v2/models/adder/versions/%31/ready").status_code == 200
+
+
+def test_parse_error_without_binary_hint(toy: httpx.Client) -> None:
+    message = assert_json_error(toy.post(ADDER, content=b"{bad"), 400)
+    assert "Inference-Header-Content-Length" not in message

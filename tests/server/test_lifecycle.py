@@ -108,3 +108,46 @@ def test_help_lists_tf_serving_flags() -> None:
     assert result.returncode == 0
     for flag in ("--rest_api_port", "--rest_api_host", "--model_name", "--model_base_path"):
         assert flag in result.stdout
+
+
+def test_control_characters_escaped_in_text_log(toy_repository: Path) -> None:
+    server = ServerProcess("--model_repository", str(toy_repository))
+    forged = "x%0A2026-01-01 00:00:00,000 INFO servekit: loaded model evil version 1"
+    response = httpx.get(f"{server.url}/v2/models/{forged}/ready")
+    server.stop()
+    assert response.status_code == 404
+    assert "\\x0a2026-01-01" in server.log
+    assert not any(line.startswith("2026-01-01") for line in server.lines)
+
+
+def test_port_in_use(toy_server: ServerProcess) -> None:
+    port = toy_server.url.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "servekit", "serve", "--rest_api_port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_kebab_case_switch(toy_repository: Path) -> None:
+    server = ServerProcess("--model-repository", str(toy_repository), "--access-log")
+    httpx.get(f"{server.url}/v2/health/live")
+    server.stop()
+    assert "GET /v2/health/live 200" in server.log
+
+
+def test_model_name_without_base_path_warns(toy_repository: Path) -> None:
+    server = ServerProcess("--model_repository", str(toy_repository), "--model_name", "x")
+    _ = server.url
+    server.stop()
+    assert "--model_name is ignored without --model_base_path" in server.log
+
+
+def test_metrics_method(toy: httpx.Client) -> None:
+    response = toy.post("/metrics")
+    assert_json_error(response, 405)
+    assert response.headers["allow"] == "GET"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -123,3 +125,62 @@ def test_model_outside_repository_never_loads(guarded: ServerProcess) -> None:
     assert "loaded model adder" in guarded.log
     status = httpx.get(f"{guarded.url}/v1/models/adder", timeout=10)
     assert status.status_code == 200
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_body(toy: httpx.Client, encoding: str) -> None:
+    body = json.dumps({"instances": [[1, 2, 3]]}).encode()
+    packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    response = toy.post(
+        "/v1/models/adder:predict", content=packed, headers={"content-encoding": encoding}
+    )
+    assert response.status_code == 200
+    assert response.json() == {"predictions": [[2.0, 3.0, 4.0]]}
+
+
+def test_compressed_body_over_limit(limited: ServerProcess) -> None:
+    packed = gzip.compress(b" " * (LIMIT + 1))
+    assert len(packed) < LIMIT
+    response = httpx.post(
+        f"{limited.url}/v1/models/adder:predict",
+        content=packed,
+        headers={"content-encoding": "gzip"},
+    )
+    assert_json_error(response, 413)
+
+
+def test_corrupt_and_unknown_encodings(toy: httpx.Client) -> None:
+    corrupt = toy.post(
+        "/v1/models/adder:predict", content=b"not gzip", headers={"content-encoding": "gzip"}
+    )
+    assert "invalid gzip body" in assert_json_error(corrupt, 400)
+    truncated = toy.post(
+        "/v1/models/adder:predict",
+        content=gzip.compress(b'{"instances": [[1, 2, 3]]}')[:-12],
+        headers={"content-encoding": "gzip"},
+    )
+    assert "truncated" in assert_json_error(truncated, 400)
+    unknown = toy.post(
+        "/v1/models/adder:predict", content=b"{}", headers={"content-encoding": "br"}
+    )
+    assert "Content-Encoding" in assert_json_error(unknown, 415)
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"POST /v1/models/adder:predict HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+        b"BREW /v1/models/adder HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET /v1/models/\xff HTTP/1.1\r\nHost: t\r\n\r\n",
+    ],
+)
+def test_unparsable_http_gets_json_error(toy_server: ServerProcess, request_head: bytes) -> None:
+    with socket.create_connection(address(toy_server), timeout=10) as sock:
+        sock.sendall(request_head)
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head
+    assert "invalid HTTP request" in json.loads(body)["error"]

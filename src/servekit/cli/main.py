@@ -30,9 +30,13 @@ def serve(**flags: Any) -> None:
         raise click.UsageError(_describe(exc)) from None
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
     # Imported after logging is set up, and only for this command, because it loads uvicorn.
+    from servekit.server.runner import BindError
     from servekit.server.runner import serve as run_server
 
-    run_server(settings)
+    try:
+        run_server(settings)
+    except (BindError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _describe(exc: ValidationError) -> str:

@@ -39,8 +39,10 @@ def _option(name: str, info: FieldInfo) -> Callable[[F], F]:
         help_text += f" [default: {info.default}]"
     annotation = _unwrap_optional(info.annotation)
     if annotation is bool:
-        negative = f"--no_{name}"
-        return click.option(f"{snake}/{negative}", name, default=None, help=help_text)
+        switches = [f"{snake}/--no_{name}"]
+        if snake != kebab:
+            switches.append(f"{kebab}/--no-{kebab[2:]}")
+        return click.option(*switches, name, default=None, help=help_text)
     return click.option(*names, name, type=_click_type(annotation), default=None, help=help_text)
 
 

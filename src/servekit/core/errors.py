@@ -66,6 +66,14 @@ class PayloadTooLargeError(ServekitError):
     client_error = True
 
 
+class UnsupportedMediaTypeError(ServekitError):
+    """A request body in an encoding the server does not read."""
+
+    http_status = 415
+    grpc_code = "INVALID_ARGUMENT"
+    client_error = True
+
+
 class UnavailableError(ServekitError):
     """A model version that is not ready, or a server that is draining."""
 

@@ -8,10 +8,20 @@ import sys
 from datetime import UTC, datetime
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Control characters from request paths would otherwise let a client forge log lines.
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(32), 127]}
+
+
+class TextFormatter(logging.Formatter):
+    """A plain-text formatter that escapes control characters in the message as `\\xNN`."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROL_ESCAPES)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats each record as a JSON object through the json encoder, never a template."""
+    """A formatter writing each record as one JSON object through the json encoder."""
 
     def format(self, record: logging.LogRecord) -> str:
         document = {
@@ -30,8 +40,10 @@ def configure_logging(level: str, log_format: str, access_log: bool) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(_TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("servekit.access").setLevel(logging.INFO if access_log else logging.WARNING)
+    # Library warnings go through the handler too, so JSON logs stay one object per line.
+    logging.captureWarnings(True)

@@ -19,7 +19,7 @@ import numpy as np
 from servekit.core.errors import InvalidInputError
 from servekit.core.types import DataType
 
-# numpy arrays have at most 64 dimensions; deeper nesting is a client mistake.
+# numpy allows 64 dimensions; 32 is far beyond the rank of any model input.
 MAX_RANK = 32
 
 
@@ -70,10 +70,19 @@ def _cast(array: np.ndarray[Any, Any], datatype: DataType, name: str) -> np.ndar
         info = np.iinfo(target)
         low, high = int(array.min()), int(array.max())
         if low < info.min or high > info.max:
-            raise InvalidInputError(
-                f"{name} has values out of range for {datatype.v2_name} ({info.min} to {info.max})"
-            )
-    return array.astype(target, copy=False)
+            raise _out_of_range(name, datatype, f"{info.min} to {info.max}")
+    if target.kind != "f" or array.dtype == target:
+        return array.astype(target, copy=False)
+    # A finite value too large for a narrower float type would silently become infinite.
+    with np.errstate(over="ignore"):
+        result = array.astype(target)
+    if not np.isfinite(result).all() and (np.isinf(result) & np.isfinite(array)).any():
+        raise _out_of_range(name, datatype, f"magnitude up to {np.finfo(target).max}")
+    return result
+
+
+def _out_of_range(name: str, datatype: DataType, bounds: str) -> InvalidInputError:
+    return InvalidInputError(f"{name} has values out of range for {datatype.v2_name} ({bounds})")
 
 
 def _check_number(leaf: Any, datatype: DataType, name: str) -> None:
@@ -87,6 +96,9 @@ def _check_number(leaf: Any, datatype: DataType, name: str) -> None:
     if not isinstance(leaf, (int, float)):
         raise InvalidInputError(f"{name} has {_describe(leaf)}, but {expected} needs numbers")
     if datatype.numpy_dtype.kind in "iu" and not isinstance(leaf, int):
+        if isinstance(leaf, float) and leaf.is_integer() and abs(leaf) >= 2**63:
+            # The JSON parser reads integers past 64 bits as floats.
+            raise _out_of_range(name, datatype, "the value needs more than 64 bits")
         raise InvalidInputError(f"{name} has {_describe(leaf)}, but {expected} needs integers")
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from servekit.core.errors import InvalidInputError, shorten
 from servekit.core.servable import VersionStatus
 from servekit.core.types import InferenceRequest, InferenceResponse, Signature, TensorSpec
-from servekit.protocols.tensors import array_from_json, object_array_to_lists
+from servekit.protocols.tensors import array_from_json, is_b64_object, object_array_to_lists
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -67,7 +67,7 @@ def _decode_rows(instances: Any, signature: Signature) -> dict[str, np.ndarray[A
         raise InvalidInputError("'instances' must be a JSON array, one element per row")
     if not instances:
         raise InvalidInputError("No values in 'instances' array")
-    if len(signature.inputs) == 1 and not _all_named(instances, signature):
+    if len(signature.inputs) == 1 and not all(_is_named(row) for row in instances):
         spec = signature.inputs[0]
         return {spec.name: _array(instances, spec, " in 'instances'")}
     for index, row in enumerate(instances):
@@ -87,16 +87,14 @@ def _decode_rows(instances: Any, signature: Signature) -> dict[str, np.ndarray[A
     }
 
 
-def _all_named(instances: list[Any], signature: Signature) -> bool:
-    # A single-input model may still receive rows as {input_name: value} objects.
-    name = signature.inputs[0].name
-    return all(isinstance(row, dict) and set(row) == {name} for row in instances)
+def _is_named(value: Any) -> bool:
+    # A single-input model may still receive {input_name: value} objects. Objects that are
+    # b64 values are values, not names.
+    return isinstance(value, dict) and not is_b64_object(value)
 
 
 def _decode_columns(inputs: Any, signature: Signature) -> dict[str, np.ndarray[Any, Any]]:
-    if len(signature.inputs) == 1 and not (
-        isinstance(inputs, dict) and set(inputs) == {signature.inputs[0].name}
-    ):
+    if len(signature.inputs) == 1 and not _is_named(inputs):
         spec = signature.inputs[0]
         return {spec.name: _array(inputs, spec, "")}
     if not isinstance(inputs, dict):

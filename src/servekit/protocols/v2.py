@@ -90,7 +90,7 @@ def decode_infer(body: bytes, header_length: str | None) -> tuple[InferenceReque
     try:
         document = parse_json(json_part)
     except InvalidInputError as exc:
-        if header_length is not None:
+        if header_length is not None or b"binary_data_size" not in json_part:
             raise
         raise InvalidInputError(
             f"{exc.message}; a body with binary tensor data needs the "

@@ -17,6 +17,7 @@ from servekit.server.http import (
     Scope,
     Send,
     error_response,
+    require_method,
 )
 from servekit.server.tfserving_routes import TFServingRoutes
 from servekit.server.v2_routes import V2Routes
@@ -96,6 +97,7 @@ class ServekitApp:
         if path == "/v2" or path.startswith("/v2/"):
             return await self._v2.handle(request)
         if path == "/metrics":
+            require_method(request, "GET")
             return Response(200, self.metrics.render(), CONTENT_TYPE)
         raise NotFoundError(f"unknown path {shorten(path)}")
 

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import logging
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from servekit.core.errors import InternalError, PayloadTooLargeError, ServekitError
+from servekit.core.errors import (
+    InternalError,
+    InvalidInputError,
+    MethodNotAllowedError,
+    PayloadTooLargeError,
+    ServekitError,
+    UnsupportedMediaTypeError,
+    shorten,
+)
 from servekit.protocols.jsoncodec import dump_json
 
 Scope = MutableMapping[str, Any]
@@ -17,6 +26,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 JSON_TYPE = "application/json"
+# zlib window settings for the Content-Encoding values that clients such as tritonclient send.
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _MAX_REQUEST_ID = 128
 logger = logging.getLogger(__name__)
 
@@ -52,7 +63,33 @@ class Request:
         return cls(scope["method"], raw.decode("latin-1"), headers, receive, body_limit, request_id)
 
     async def body(self) -> bytes:
-        """Read the whole body, raising PayloadTooLargeError as soon as it passes the limit."""
+        """Read and decompress the body, raising PayloadTooLargeError once it passes the limit.
+
+        The limit applies both to the bytes received and to the decompressed body.
+        """
+        encoding = self.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", "", *_WBITS):
+            raise UnsupportedMediaTypeError(
+                f"unsupported Content-Encoding {shorten(encoding, 40)!r}; use gzip, deflate or none"
+            )
+        body = await self._read()
+        if encoding in _WBITS:
+            return self._decompress(body, _WBITS[encoding], encoding)
+        return body
+
+    def _decompress(self, body: bytes, wbits: int, encoding: str) -> bytes:
+        decompressor = zlib.decompressobj(wbits)
+        try:
+            data = decompressor.decompress(body, self.body_limit + 1)
+        except zlib.error as exc:
+            raise InvalidInputError(f"invalid {encoding} body: {exc}") from None
+        if len(data) > self.body_limit:
+            raise self._too_large(len(data))
+        if not decompressor.eof:
+            raise InvalidInputError(f"invalid {encoding} body: the compressed data is truncated")
+        return data
+
+    async def _read(self) -> bytes:
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.body_limit:
             raise self._too_large(int(declared))
@@ -93,6 +130,15 @@ class Response:
         headers.extend((key.encode(), value.encode()) for key, value in self.headers.items())
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
+
+
+def require_method(request: Request, method: str) -> None:
+    """Raise MethodNotAllowedError (405 with an Allow header) unless the request uses `method`."""
+    if request.method != method:
+        raise MethodNotAllowedError(
+            f"{request.method} is not allowed on {shorten(request.raw_path)}; use {method}",
+            (method,),
+        )
 
 
 def json_response(document: Any, status: int = 200) -> Response:

@@ -10,11 +10,13 @@ import threading
 from collections.abc import Iterator
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from servekit.config.settings import ServerSettings
 from servekit.core.manager import ModelManager
 from servekit.examples import EXAMPLE_REPOSITORY
 from servekit.observability.metrics import Metrics
+from servekit.protocols.jsoncodec import dump_json
 from servekit.repository.layout import ModelSource, sources_in_repository
 from servekit.runtimes.base import RuntimeOptions
 from servekit.server.app import ServekitApp
@@ -22,12 +24,21 @@ from servekit.server.app import ServekitApp
 logger = logging.getLogger(__name__)
 
 
+class BindError(Exception):
+    """The REST address could not be bound (port in use, unknown host, no permission)."""
+
+
 def model_sources(settings: ServerSettings) -> list[ModelSource]:
     """List the models the settings name; the example repository when they name none."""
     if settings.model_base_path is not None:
         return [ModelSource(settings.model_name, settings.model_base_path)]
+    if "model_name" in settings.model_fields_set:
+        logger.warning("--model_name is ignored without --model_base_path")
     repository = settings.model_repository or EXAMPLE_REPOSITORY
-    return sources_in_repository(repository)
+    sources = sources_in_repository(repository)
+    if not sources:
+        logger.warning("model repository %s contains no model folders", repository)
+    return sources
 
 
 def build_app(settings: ServerSettings) -> ServekitApp:
@@ -49,7 +60,7 @@ def serve(settings: ServerSettings) -> None:
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=_JsonErrorProtocol,
         lifespan="on",
         access_log=False,
         log_config=None,
@@ -79,16 +90,36 @@ class _Server(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    # NOTE: a second signal during shutdown makes uvicorn cancel the running requests, which
+    # then get uvicorn's plain-text 500 instead of finishing.
     def _stop(self, sig: int, frame: object) -> None:
         logger.info("received %s, stopping", signal.Signals(sig).name)
         self.handle_exit(sig, None)
+
+
+class _JsonErrorProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, answering unparsable HTTP with a JSON error body."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = dump_json({"error": f"invalid HTTP request: {msg}"})
+        head = (
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head + body)
+        self.transport.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise BindError(f"cannot listen on {_format_host(host)}:{port}: {reason}") from None
     return sock
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from servekit.core.errors import InvalidInputError, MethodNotAllowedError, NotFoundError, shorten
+from servekit.core.errors import InvalidInputError, NotFoundError, shorten
 from servekit.core.manager import ModelManager
 from servekit.core.servable import State
 from servekit.observability.metrics import UNKNOWN_MODEL
 from servekit.protocols import v2
-from servekit.server.http import Request, Response, json_response
+from servekit.server.http import Request, Response, json_response, require_method
 
 PROTOCOL = "v2"
 _DIGITS = re.compile("[0-9]+")
@@ -30,13 +30,13 @@ class V2Routes:
     async def handle(self, request: Request) -> Response:
         path = request.raw_path
         if path in ("/v2", "/v2/"):
-            _require(request, "GET")
+            require_method(request, "GET")
             return json_response(v2.server_metadata())
         if path == "/v2/health/live":
-            _require(request, "GET")
+            require_method(request, "GET")
             return json_response({"live": True})
         if path == "/v2/health/ready":
-            _require(request, "GET")
+            require_method(request, "GET")
             return self._server_ready()
         match = _MODEL_PATH.fullmatch(path)
         if match is None:
@@ -45,9 +45,9 @@ class V2Routes:
         version = _version(match["version"])
         action = match["action"]
         if action == "/infer":
-            _require(request, "POST")
+            require_method(request, "POST")
             return await self._infer(request, name, version)
-        _require(request, "GET")
+        require_method(request, "GET")
         if action == "/ready":
             return self._model_ready(name, version)
         return self._model_metadata(name, version)
@@ -93,16 +93,9 @@ class V2Routes:
 def _version(text: str | None) -> int | None:
     if text is None:
         return None
+    text = unquote(text)
     if not _DIGITS.fullmatch(text):
         raise InvalidInputError(
-            f"invalid version {shorten(unquote(text))!r}: a version is a non-negative integer"
+            f"invalid version {shorten(text)!r}: a version is a non-negative integer"
         )
     return int(text)
-
-
-def _require(request: Request, method: str) -> None:
-    if request.method != method:
-        raise MethodNotAllowedError(
-            f"{request.method} is not allowed on {shorten(request.raw_path)}; use {method}",
-            (method,),
-        )
