@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install serve test lint models clean
+.PHONY: install serve test lint models protos clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# Regenerate the Python code of the .proto files (needs the dev extra's grpcio-tools).
+protos: install
+	$(BIN)/python -m grpc_tools.protoc -Isrc \
+		-I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))')/_proto \
+		--python_out=src --pyi_out=src src/servekit/config/protos/*.proto
 
 # Rebuild the example ONNX models from scikit-learn's bundled digits data.
 models: install

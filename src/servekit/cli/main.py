@@ -30,12 +30,13 @@ def serve(**flags: Any) -> None:
         raise click.UsageError(_describe(exc)) from None
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
     # Imported after logging is set up, and only for this command, because it loads uvicorn.
+    from servekit.config.model_config import ConfigError
     from servekit.server.runner import BindError
     from servekit.server.runner import serve as run_server
 
     try:
         run_server(settings)
-    except (BindError, FileNotFoundError) as exc:
+    except (BindError, ConfigError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

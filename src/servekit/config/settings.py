@@ -46,6 +46,31 @@ class ServerSettings(BaseSettings):
     tensorflow_inter_op_parallelism: int = Field(
         0, ge=0, description="Operators a runtime runs at once; 0 lets it choose."
     )
+    rest_api_timeout_in_ms: int = Field(
+        30000,
+        gt=0,
+        description="Time allowed for an inference request, in milliseconds; past it, 504. "
+        "A request may set its own with the X-Request-Timeout-Ms header.",
+    )
+    workers: int = Field(
+        1, ge=1, description="Server processes sharing the REST port (SO_REUSEPORT)."
+    )
+    instances: int = Field(
+        1,
+        ge=1,
+        description="Concurrent executions of each model version, each in its own thread; "
+        "servekit.yaml may set it per model.",
+    )
+    enable_batching: bool = Field(
+        True,
+        description="Merge concurrent requests into batches for models whose inputs all have "
+        "a variable first dimension.",
+    )
+    batching_parameters_file: Path | None = Field(
+        None,
+        description="TF Serving text-format BatchingParameters file with the batching "
+        "defaults of every model.",
+    )
     max_request_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES,
         gt=0,
@@ -68,4 +93,7 @@ class ServerSettings(BaseSettings):
         for path in (self.model_base_path, self.model_repository):
             if path is not None and not path.is_dir():
                 raise ValueError(f"model directory {path} does not exist or is not a directory")
+        batching_file = self.batching_parameters_file
+        if batching_file is not None and not batching_file.is_file():
+            raise ValueError(f"batching parameters file {batching_file} does not exist")
         return self

@@ -74,6 +74,26 @@ class UnsupportedMediaTypeError(ServekitError):
     client_error = True
 
 
+class OverloadedError(ServekitError):
+    """A full queue: the request is rejected at once so the client can back off."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    client_error = True
+    retry_after_seconds = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_seconds)}
+
+
+class DeadlineExceededError(ServekitError):
+    """A request that did not finish before its deadline."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    client_error = True
+
+
 class UnavailableError(ServekitError):
     """A model version that is not ready, or a server that is draining."""
 

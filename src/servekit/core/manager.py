@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from servekit.batching.batcher import BatcherMetrics
 from servekit.core.errors import NotFoundError, shorten
-from servekit.core.servable import Servable, State, VersionStatus
+from servekit.core.options import ServableOptions
+from servekit.core.servable import Servable, ServableMetrics, State, VersionStatus
 from servekit.observability.metrics import Metrics
 from servekit.repository.layout import ModelSource, list_versions
-from servekit.runtimes.base import RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ class Model:
     """A named model and its servables, keyed by version number."""
 
     def __init__(self, source: ModelSource) -> None:
+        self.source = source
         self.name = source.name
         self.base_path = source.base_path
         self.servables: dict[int, Servable] = {}
@@ -39,7 +41,10 @@ class ModelManager:
     """
 
     def __init__(
-        self, sources: Iterable[ModelSource], options: RuntimeOptions, metrics: Metrics
+        self,
+        sources: Iterable[ModelSource],
+        options: Callable[[ModelSource], ServableOptions],
+        metrics: Metrics,
     ) -> None:
         self._models = {source.name: Model(source) for source in sources}
         self._options = options
@@ -119,14 +124,35 @@ class ModelManager:
             logger.warning("model %s has no version directories in %s", model.name, model.base_path)
             return
         version = max(versions)
-        histogram = self._metrics.inference_duration.labels(model.name, str(version))
-        servable = Servable(model.name, version, versions[version], histogram)
+        metrics = self._servable_metrics(model.name, version)
+        try:
+            options = self._options(model.source)
+        except ValueError as exc:
+            servable = Servable(model.name, version, versions[version], ServableOptions(), metrics)
+            servable.fail(f"invalid servekit.yaml: {exc}")
+            model.servables[version] = servable
+            self._record_state(servable)
+            return
+        servable = Servable(model.name, version, versions[version], options, metrics)
         model.servables[version] = servable
         self._record_state(servable)
-        servable.load(self._options)
+        servable.load()
         self._record_state(servable)
         if servable.state is State.AVAILABLE:
             self._metrics.load_duration.labels(model.name, str(version)).set(servable.load_seconds)
+
+    def _servable_metrics(self, name: str, version: int) -> ServableMetrics:
+        labels = (name, str(version))
+        metrics = self._metrics
+        batcher = BatcherMetrics(
+            queue_rows=metrics.queue_rows.labels(*labels),
+            inflight=metrics.inflight.labels(*labels),
+            queue_seconds=metrics.queue_duration.labels(*labels),
+            batch_rows=metrics.batch_size.labels(*labels),
+            rejected_full=metrics.rejected.labels(*labels, "queue_full"),
+            rejected_deadline=metrics.rejected.labels(*labels, "deadline"),
+        )
+        return ServableMetrics(metrics.inference_duration.labels(*labels), batcher)
 
     def _record_state(self, servable: Servable) -> None:
         self._metrics.version_state.labels(servable.model_name, str(servable.version)).state(

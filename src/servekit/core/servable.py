@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -13,9 +13,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from servekit.core.errors import InternalError, InvalidInputError, UnavailableError
+from servekit.batching.batcher import Batcher, BatcherMetrics
+from servekit.batching.config import BatchingConfig
+from servekit.core.errors import InternalError, InvalidInputError, ServekitError, UnavailableError
+from servekit.core.options import ServableOptions
 from servekit.core.types import InferenceRequest, InferenceResponse, Signature
-from servekit.runtimes.base import Runtime, RuntimeNotFoundError, RuntimeOptions, runtime_for
+from servekit.runtimes.base import Runtime, RuntimeNotFoundError, runtime_for
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +27,14 @@ class Observer(Protocol):
     """A histogram child (or anything else) that records a duration in seconds."""
 
     def observe(self, amount: float) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class ServableMetrics:
+    """Metric children labelled with one servable's model and version."""
+
+    inference_seconds: Observer
+    batcher: BatcherMetrics
 
 
 class State(enum.IntEnum):
@@ -48,14 +59,19 @@ class VersionStatus:
 
 
 class Servable:
-    """Runtime + signature + state for one version.
+    """Runtime + signature + state + batcher for one version.
 
     `load` and `unload` block and run outside the event loop; `infer` is called on the loop and
-    hands the computation to this servable's own thread.
+    hands the computation to the batcher, which runs it on this servable's instance threads.
     """
 
     def __init__(
-        self, model_name: str, version: int, directory: Path, inference_seconds: Observer
+        self,
+        model_name: str,
+        version: int,
+        directory: Path,
+        options: ServableOptions,
+        metrics: ServableMetrics,
     ) -> None:
         self.model_name = model_name
         self.version = version
@@ -68,7 +84,9 @@ class Servable:
         self._runtime: Runtime | None = None
         self._signature: Signature | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._inference_seconds = inference_seconds
+        self._batcher: Batcher | None = None
+        self._options = options
+        self._metrics = metrics
 
     @property
     def signature(self) -> Signature:
@@ -80,37 +98,52 @@ class Servable:
     def status(self) -> VersionStatus:
         return VersionStatus(self.version, self.state, self.error_code, self.error_message)
 
-    def load(self, options: RuntimeOptions) -> None:
+    def load(self) -> None:
         """Load the version's files; on failure, end in END with the error kept for status."""
         self.state = State.LOADING
         started = time.monotonic()
         try:
-            runtime = runtime_for(self.directory, options)
+            runtime = runtime_for(self.directory, self._options.runtime)
             self._signature = runtime.load(self.directory)
         except Exception as exc:
             # The message reaches clients through the status API, so the server's own
             # directory layout is replaced by the model and version it stands for.
             reason = str(exc).replace(str(self.directory), f"{self.model_name}/{self.version}")
-            self.state = State.END
-            self.error_code = "NOT_FOUND" if isinstance(exc, RuntimeNotFoundError) else "UNKNOWN"
-            self.error_message = f"failed to load: {reason}"
-            logger.error(
-                "failed to load model %s version %d from %s: %s",
-                self.model_name,
-                self.version,
-                self.directory,
-                exc,
-            )
+            code = "NOT_FOUND" if isinstance(exc, RuntimeNotFoundError) else "UNKNOWN"
+            self.fail(f"failed to load: {reason}", code)
             return
         self._runtime = runtime
         self.platform = runtime.platform
+        instances = self._options.instances
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"servekit-{self.model_name}-{self.version}"
+            max_workers=instances, thread_name_prefix=f"servekit-{self.model_name}-{self.version}"
+        )
+        self._batcher = Batcher(
+            self.model_name,
+            self._signature,
+            self._predict,
+            self._executor,
+            instances,
+            self._batching_config(self._signature),
+            self._metrics.batcher,
         )
         self.load_seconds = time.monotonic() - started
         self.state = State.AVAILABLE
         logger.info(
             "loaded model %s version %d in %.2f s", self.model_name, self.version, self.load_seconds
+        )
+
+    def fail(self, message: str, code: str = "INVALID_ARGUMENT") -> None:
+        """End in END without serving, keeping `message` for the status API."""
+        self.state = State.END
+        self.error_code = code
+        self.error_message = message
+        logger.error(
+            "model %s version %d (%s) will not serve: %s",
+            self.model_name,
+            self.version,
+            self.directory,
+            message,
         )
 
     def unload(self) -> None:
@@ -126,40 +159,49 @@ class Servable:
         self.state = State.END
         logger.info("unloaded model %s version %d", self.model_name, self.version)
 
+    def _batching_config(self, signature: Signature) -> BatchingConfig:
+        config = self._options.batching
+        batchable = all(spec.shape and spec.shape[0] == -1 for spec in signature.inputs)
+        if config.enabled and not batchable:
+            logger.info(
+                "model %s version %d runs requests one by one: not every input has a "
+                "variable first dimension",
+                self.model_name,
+                self.version,
+            )
+            return dataclasses.replace(config, enabled=False)
+        return config
+
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Validate a request against the signature and run it on this version."""
-        runtime, executor = self._runtime, self._executor
-        if self.state is not State.AVAILABLE or runtime is None or executor is None:
+        batcher = self._batcher
+        if self.state is not State.AVAILABLE or batcher is None:
             raise UnavailableError(self._unavailable_message())
         signature = self.signature
         self._check_inputs(request.inputs, signature)
         outputs = self._requested_outputs(request.outputs, signature)
-        loop = asyncio.get_running_loop()
+        results = await batcher.submit(request.inputs, outputs, request.deadline)
+        return InferenceResponse(self.model_name, self.version, results)
+
+    def _predict(
+        self, inputs: dict[str, np.ndarray[Any, Any]], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Run the runtime in an instance thread; failures other than bad input become 500s."""
+        runtime = self._runtime
+        if runtime is None:
+            raise UnavailableError(self._unavailable_message())
+        started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(
-                executor, self._predict, runtime, request.inputs, outputs
-            )
-        except InvalidInputError:
+            return runtime.predict(inputs, outputs)
+        except ServekitError:
             raise
         except Exception as exc:
             logger.exception(
                 "inference failed on model %s version %d", self.model_name, self.version
             )
             raise InternalError("inference failed; the server log has details") from exc
-        return InferenceResponse(self.model_name, self.version, results)
-
-    def _predict(
-        self,
-        runtime: Runtime,
-        inputs: dict[str, np.ndarray[Any, Any]],
-        outputs: tuple[str, ...],
-    ) -> dict[str, np.ndarray[Any, Any]]:
-        # Runs in the servable's thread, so the time excludes waiting for that thread.
-        started = time.perf_counter()
-        try:
-            return runtime.predict(inputs, outputs)
         finally:
-            self._inference_seconds.observe(time.perf_counter() - started)
+            self._metrics.inference_seconds.observe(time.perf_counter() - started)
 
     def _check_inputs(self, inputs: dict[str, np.ndarray[Any, Any]], signature: Signature) -> None:
         for name in inputs:

@@ -124,6 +124,8 @@ class InferenceRequest:
     outputs: tuple[str, ...] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
+    # time.monotonic() value after which the request is dropped with 504; None waits forever.
+    deadline: float | None = None
 
 
 @dataclass(slots=True)

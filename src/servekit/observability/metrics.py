@@ -80,6 +80,38 @@ class Metrics:
             states=_STATES,
             registry=self.registry,
         )
+        self.queue_rows = Gauge(
+            "servekit_queue_rows",
+            "Rows waiting in the batcher's queue.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "servekit_inflight_requests",
+            "Inference requests accepted and not yet answered.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.queue_duration = Histogram(
+            "servekit_queue_duration_seconds",
+            "Time a request waited in the queue before its first rows ran, in seconds.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "servekit_batch_size_rows",
+            "Rows in each call to the runtime.",
+            ["model", "version"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "servekit_rejected_requests",
+            "Requests rejected by the batcher: queue_full (429) or deadline (504).",
+            ["model", "version", "reason"],
+            registry=self.registry,
+        )
         self.load_duration = Gauge(
             "servekit_model_load_duration_seconds",
             "Time the last successful load of each version took, in seconds.",

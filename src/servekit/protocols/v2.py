@@ -113,6 +113,16 @@ def decode_infer(body: bytes, header_length: str | None) -> tuple[InferenceReque
     return request, options
 
 
+def timeout_parameter(parameters: dict[str, Any]) -> float | None:
+    """Read the request parameter `timeout` (microseconds, as Triton's) in seconds."""
+    value = parameters.get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidInputError("parameter 'timeout' must be a positive number of microseconds")
+    return value / 1_000_000
+
+
 def _parameters(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}

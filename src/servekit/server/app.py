@@ -30,11 +30,17 @@ class ServekitApp:
     """Serves one ModelManager over TF Serving REST, KServe V2 REST and `/metrics`."""
 
     def __init__(
-        self, manager: ModelManager, metrics: Metrics, max_request_body_bytes: int
+        self,
+        manager: ModelManager,
+        metrics: Metrics,
+        max_request_body_bytes: int,
+        request_timeout: float,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
         self.max_request_body_bytes = max_request_body_bytes
+        # Seconds an inference request may take unless it asks for its own limit.
+        self.request_timeout = request_timeout
         # Set by the runner once the socket is bound, for the startup log line.
         self.address = ""
         self._tfserving = TFServingRoutes(manager)
@@ -65,11 +71,21 @@ class ServekitApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request = Request.from_scope(scope, receive, self.max_request_body_bytes)
+        request = Request.from_scope(
+            scope, receive, self.max_request_body_bytes, self.request_timeout
+        )
         try:
             response = await self._dispatch(request)
         except ClientDisconnectedError:
             logger.debug("client disconnected before sending %s", shorten(request.raw_path))
+            return
+        except asyncio.CancelledError:
+            if not request.disconnected:
+                raise
+            # The client went away: its queued work is already gone, and nobody reads a reply.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            logger.debug("client disconnected while waiting for %s", shorten(request.raw_path))
+            self._observe(request, 499, time.perf_counter() - started)
             return
         except ServekitError as exc:
             self._log_error(request, exc)
@@ -77,6 +93,8 @@ class ServekitApp:
         except Exception as exc:
             logger.exception("unhandled error on %s %s", request.method, shorten(request.raw_path))
             response = error_response(exc)
+        finally:
+            request.stop_watching()
         await response.send(send, request.request_id)
         elapsed = time.perf_counter() - started
         self._observe(request, response.status, elapsed)

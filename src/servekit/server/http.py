@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -26,6 +28,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 JSON_TYPE = "application/json"
+TIMEOUT_HEADER = "x-request-timeout-ms"
 # zlib window settings for the Content-Encoding values that clients such as tritonclient send.
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _MAX_REQUEST_ID = 128
@@ -46,13 +49,20 @@ class Request:
     receive: Receive
     body_limit: int
     request_id: str
+    # time.monotonic() when the request arrived, and when it must be answered by.
+    arrival: float = 0.0
+    deadline: float | None = None
     # Set by inference routes so the app can count the request under its model and version.
     metric_model: str | None = None
     metric_version: str = ""
     protocol: str = ""
+    # Set when the client disconnected while its request was being handled.
+    disconnected: bool = False
+    _watcher: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_scope(cls, scope: Scope, receive: Receive, body_limit: int) -> Request:
+    def from_scope(cls, scope: Scope, receive: Receive, body_limit: int, timeout: float) -> Request:
+        """Build a request whose deadline is `timeout` seconds from now unless it sets one."""
         raw = scope.get("raw_path") or scope["path"].encode()
         headers = {
             key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]
@@ -60,7 +70,48 @@ class Request:
         request_id = headers.get("x-request-id", "")
         if not request_id or len(request_id) > _MAX_REQUEST_ID or not request_id.isprintable():
             request_id = uuid.uuid4().hex
-        return cls(scope["method"], raw.decode("latin-1"), headers, receive, body_limit, request_id)
+        request = cls(
+            scope["method"], raw.decode("latin-1"), headers, receive, body_limit, request_id
+        )
+        request.arrival = time.monotonic()
+        request.deadline = request.arrival + timeout
+        return request
+
+    def set_timeout(self, seconds: float) -> None:
+        """Replace the deadline with one `seconds` after the request's arrival."""
+        self.deadline = self.arrival + seconds
+
+    def timeout_from_header(self) -> None:
+        """Apply the X-Request-Timeout-Ms header, if present; raise 400 if it is invalid."""
+        text = self.headers.get(TIMEOUT_HEADER)
+        if text is None:
+            return
+        if not text.isascii() or not text.isdigit() or int(text) == 0:
+            raise InvalidInputError(
+                f"invalid {TIMEOUT_HEADER} header {shorten(text, 40)!r}: "
+                "expected a positive number of milliseconds"
+            )
+        self.set_timeout(int(text) / 1000)
+
+    def watch_disconnect(self) -> None:
+        """Cancel the current task if the client disconnects before the response is sent.
+
+        Called once the body has been read, because the watcher consumes `receive` messages.
+        """
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._wait_disconnect(handler))
+
+    async def _wait_disconnect(self, handler: asyncio.Task[Any]) -> None:
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            handler.cancel()
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
     async def body(self) -> bytes:
         """Read and decompress the body, raising PayloadTooLargeError once it passes the limit.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import signal
 import socket
@@ -12,8 +14,11 @@ from collections.abc import Iterator
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from servekit.batching.config import BatchingConfig
+from servekit.config.model_config import load_model_options, read_batching_parameters
 from servekit.config.settings import ServerSettings
 from servekit.core.manager import ModelManager
+from servekit.core.options import ServableOptions
 from servekit.examples import EXAMPLE_REPOSITORY
 from servekit.observability.metrics import Metrics
 from servekit.protocols.jsoncodec import dump_json
@@ -41,14 +46,36 @@ def model_sources(settings: ServerSettings) -> list[ModelSource]:
     return sources
 
 
-def build_app(settings: ServerSettings) -> ServekitApp:
-    options = RuntimeOptions(
+def default_options(settings: ServerSettings) -> ServableOptions:
+    """Build the options every model starts from, before its own servekit.yaml."""
+    runtime = RuntimeOptions(
         intra_op_threads=settings.tensorflow_intra_op_parallelism,
         inter_op_threads=settings.tensorflow_inter_op_parallelism,
     )
+    batching = BatchingConfig(enabled=settings.enable_batching)
+    instances = settings.instances
+    if settings.batching_parameters_file is not None:
+        batching, threads = read_batching_parameters(settings.batching_parameters_file)
+        batching = dataclasses.replace(batching, enabled=settings.enable_batching)
+        if threads is not None and "instances" not in settings.model_fields_set:
+            instances = threads
+    return ServableOptions(instances=instances, runtime=runtime, batching=batching)
+
+
+def build_app(settings: ServerSettings) -> ServekitApp:
+    defaults = default_options(settings)
     metrics = Metrics()
-    manager = ModelManager(model_sources(settings), options, metrics)
-    return ServekitApp(manager, metrics, settings.max_request_body_bytes)
+    manager = ModelManager(
+        model_sources(settings),
+        functools.partial(load_model_options, defaults=defaults),
+        metrics,
+    )
+    return ServekitApp(
+        manager,
+        metrics,
+        settings.max_request_body_bytes,
+        settings.rest_api_timeout_in_ms / 1000,
+    )
 
 
 def serve(settings: ServerSettings) -> None:

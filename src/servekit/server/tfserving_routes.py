@@ -68,9 +68,12 @@ class TFServingRoutes:
         # the body holds, and every later error is counted under the version.
         servable = self._manager.resolve(name, version)
         request.metric_version = str(servable.version)
+        request.timeout_from_header()
         body = tfserving.parse_predict_body(parse_json(await request.body()))
+        request.watch_disconnect()
         tfserving.check_signature_name(body.signature_name)
         inference_request, row_format = tfserving.decode_predict(body, servable.signature)
+        inference_request.deadline = request.deadline
         response = await servable.infer(inference_request)
         return json_response(tfserving.encode_predict(response, row_format))
 

@@ -80,8 +80,14 @@ class V2Routes:
         request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
         servable = self._manager.resolve(name, version)
         request.metric_version = str(servable.version)
+        request.timeout_from_header()
         body = await request.body()
+        request.watch_disconnect()
         inference_request, options = v2.decode_infer(body, request.headers.get(v2.HEADER_LENGTH))
+        timeout = v2.timeout_parameter(inference_request.parameters)
+        if timeout is not None:
+            request.set_timeout(timeout)
+        inference_request.deadline = request.deadline
         response = await servable.infer(inference_request)
         payload, json_length = v2.encode_infer(response, inference_request.id, options)
         if json_length is None:

@@ -1,0 +1,147 @@
+"""Per-model settings: `servekit.yaml` in a model's base path, over server-wide defaults.
+
+An example, with every key optional::
+
+    instances: 2                 # concurrent executions (threads) of each version
+    intra_op_threads: 1          # runtime threads inside one operator
+    batching:
+      enabled: true              # on by default when every input's first dimension varies
+      max_batch_size: 32         # rows per call to the runtime
+      max_queue_delay_ms: 0      # wait for more rows before running an under-full batch
+      max_queue_size: 4096       # rows waiting; beyond this, 429
+      allowed_batch_sizes: [8, 16, 32]
+      padding:                   # pad these inputs so different lengths share a batch
+        tokens: {value: 0, axes: [1]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import text_format
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from servekit.batching.config import BatchingConfig, PadSpec
+from servekit.config.protos.batching_parameters_pb2 import BatchingParameters
+from servekit.core.options import ServableOptions
+from servekit.repository.layout import ModelSource
+
+MODEL_CONFIG_FILE = "servekit.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be read or is invalid."""
+
+
+class _Padding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    value: float = 0.0
+    axes: list[int] = Field(default_factory=lambda: [1])
+
+
+class _Batching(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    max_batch_size: int | None = Field(None, ge=1)
+    max_queue_delay_ms: float | None = Field(None, ge=0)
+    max_queue_size: int | None = Field(None, ge=1)
+    allowed_batch_sizes: list[int] | None = None
+    padding: dict[str, _Padding] | None = None
+
+
+class _ModelFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instances: int | None = Field(None, ge=1)
+    intra_op_threads: int | None = Field(None, ge=0)
+    inter_op_threads: int | None = Field(None, ge=0)
+    batching: _Batching | None = None
+
+
+def load_model_options(source: ModelSource, defaults: ServableOptions) -> ServableOptions:
+    """Read `servekit.yaml` from the model's base path, if present, over `defaults`.
+
+    Raises ConfigError with a readable reason when the file is invalid.
+    """
+    path = source.base_path / MODEL_CONFIG_FILE
+    if not path.is_file():
+        return defaults
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+        parsed = _ModelFile.model_validate(document)
+    except (yaml.YAMLError, ValidationError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+    return _merge(parsed, defaults)
+
+
+def _merge(parsed: _ModelFile, defaults: ServableOptions) -> ServableOptions:
+    runtime = defaults.runtime
+    if parsed.intra_op_threads is not None:
+        runtime = dataclasses.replace(runtime, intra_op_threads=parsed.intra_op_threads)
+    if parsed.inter_op_threads is not None:
+        runtime = dataclasses.replace(runtime, inter_op_threads=parsed.inter_op_threads)
+    batching = defaults.batching
+    if parsed.batching is not None:
+        batching = _merge_batching(parsed.batching, batching)
+    return ServableOptions(
+        instances=parsed.instances or defaults.instances, runtime=runtime, batching=batching
+    )
+
+
+def _merge_batching(section: _Batching, defaults: BatchingConfig) -> BatchingConfig:
+    changes: dict[str, Any] = {
+        key: value
+        for key, value in section.model_dump(exclude_none=True).items()
+        if key in ("enabled", "max_batch_size", "max_queue_size")
+    }
+    if section.max_queue_delay_ms is not None:
+        changes["max_queue_delay"] = section.max_queue_delay_ms / 1000
+    if section.allowed_batch_sizes is not None:
+        changes["allowed_batch_sizes"] = tuple(section.allowed_batch_sizes)
+    if section.padding is not None:
+        changes["padding"] = {
+            name: PadSpec(pad.value, tuple(pad.axes)) for name, pad in section.padding.items()
+        }
+    try:
+        return dataclasses.replace(defaults, **changes)
+    except ValueError as exc:
+        raise ConfigError(f"invalid batching settings: {exc}") from None
+
+
+def read_batching_parameters(path: Path) -> tuple[BatchingConfig, int | None]:
+    """Read TF Serving's text-format BatchingParameters file.
+
+    Returns the batching config and the instance count that `num_batch_threads` sets (None
+    when unset). `max_enqueued_batches` becomes a queue of that many full batches, and
+    `pad_variable_length_inputs` pads every input along all its non-batch axes.
+    """
+    message = BatchingParameters()
+    try:
+        text_format.Parse(path.read_text(), message)
+    except (text_format.ParseError, OSError) as exc:
+        raise ConfigError(f"cannot read batching parameters file {path}: {exc}") from None
+    defaults = BatchingConfig()
+    max_batch_size = _wrapped(message, "max_batch_size", defaults.max_batch_size)
+    changes: dict[str, Any] = {"max_batch_size": max_batch_size}
+    if message.HasField("batch_timeout_micros"):
+        changes["max_queue_delay"] = message.batch_timeout_micros.value / 1_000_000
+    if message.HasField("max_enqueued_batches"):
+        changes["max_queue_size"] = message.max_enqueued_batches.value * max_batch_size
+    if message.allowed_batch_sizes:
+        changes["allowed_batch_sizes"] = tuple(message.allowed_batch_sizes)
+    if message.pad_variable_length_inputs:
+        changes["pad_all_inputs"] = True
+    instances = message.num_batch_threads.value if message.HasField("num_batch_threads") else None
+    try:
+        return dataclasses.replace(defaults, **changes), instances
+    except ValueError as exc:
+        raise ConfigError(f"invalid batching parameters file {path}: {exc}") from None
+
+
+def _wrapped(message: BatchingParameters, field: str, default: int) -> int:
+    return int(getattr(message, field).value) if message.HasField(field) else default
