@@ -79,11 +79,11 @@ def write_twoin(root: Path, with_constant: bool = False) -> None:
     )
 
 
-def write_seqlen(root: Path) -> None:
+def write_seqlen(root: Path, name: str = "seqlen") -> None:
     """`n[i]` = number of non-zero tokens in row i, so zero padding does not change it."""
     _save(
         root,
-        "seqlen",
+        name,
         [
             helper.make_node("Equal", ["tokens", "zero"], ["is_zero"]),
             helper.make_node("Not", ["is_zero"], ["non_zero"]),
@@ -184,4 +184,66 @@ def write_repository(root: Path) -> Path:
     _write_python(root, "echo", ECHO_SOURCE.format(shape=[-1]))
     _write_python(root, "echo2d", ECHO_SOURCE.format(shape=[-1, 1]))
     _write_python(root, "identity", IDENTITY_SOURCE.format(types=ALL_TYPES))
+    return root
+
+
+SLOW_SOURCE = """
+import time
+
+import numpy as np
+
+
+class Model:
+    inputs = [("x", "FP32", [-1, 1])]
+    outputs = [("y", "FP32", [-1, 1])]
+
+    def predict(self, inputs):
+        x = inputs["x"]
+        time.sleep(float(x[0, 0]))
+        return {"y": x}
+"""
+
+# Returns, for every row, the number of rows in the call that computed it, so callers can see
+# how large a batch reached the model.
+ROWCOUNT_SOURCE = """
+import numpy as np
+
+
+class Model:
+    inputs = [("x", "FP32", [-1, 3])]
+    outputs = [("y", "FP32", [-1, 3]), ("rows", "INT64", [-1])]
+
+    def predict(self, inputs):
+        x = inputs["x"]
+        return {"y": x + 1, "rows": np.full(len(x), len(x), dtype=np.int64)}
+"""
+
+
+def write_python_model(root: Path, name: str, source: str, config: str = "") -> None:
+    """Write a Python model, with an optional servekit.yaml."""
+    _write_python(root, name, source)
+    if config:
+        (root / name / "servekit.yaml").write_text(textwrap.dedent(config))
+
+
+def write_batching_repository(root: Path) -> Path:
+    """Write the models of the batching tests, each with its own servekit.yaml."""
+    write_seqlen(root)
+    (root / "seqlen" / "servekit.yaml").write_text(
+        "batching: {max_batch_size: 8, max_queue_delay_ms: 50}\n"
+    )
+    write_seqlen(root, "seqlen_padded")
+    (root / "seqlen_padded" / "servekit.yaml").write_text(
+        "batching:\n"
+        "  max_batch_size: 8\n"
+        "  max_queue_delay_ms: 50\n"
+        "  padding: {tokens: {value: 0, axes: [1]}}\n"
+    )
+    write_twoin(root)
+    (root / "twoin" / "servekit.yaml").write_text("batching: {max_queue_delay_ms: 50}\n")
+    write_python_model(
+        root, "rowcount", ROWCOUNT_SOURCE, "batching: {max_batch_size: 4, max_queue_delay_ms: 50}\n"
+    )
+    write_python_model(root, "slow", SLOW_SOURCE, "batching: {enabled: false, max_queue_size: 8}\n")
+    write_python_model(root, "slow_pair", SLOW_SOURCE, "instances: 2\nbatching: {enabled: false}\n")
     return root
