@@ -63,16 +63,11 @@ def test_version_state_and_load_time(toy_server: ServerProcess) -> None:
             found,
             "servekit_model_version_state",
             **labels,
-            servekit_model_version_state="AVAILABLE",
+            state="AVAILABLE",
         )
         == 1.0
     )
-    assert (
-        value(
-            found, "servekit_model_version_state", **labels, servekit_model_version_state="LOADING"
-        )
-        == 0.0
-    )
+    assert value(found, "servekit_model_version_state", **labels, state="LOADING") == 0.0
     assert value(found, "servekit_model_load_duration_seconds", **labels) > 0.0
 
 

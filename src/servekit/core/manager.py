@@ -155,6 +155,4 @@ class ModelManager:
         return ServableMetrics(metrics.inference_duration.labels(*labels), batcher)
 
     def _record_state(self, servable: Servable) -> None:
-        self._metrics.version_state.labels(servable.model_name, str(servable.version)).state(
-            servable.state.name
-        )
+        self._metrics.set_state(servable.model_name, str(servable.version), servable.state.name)

@@ -6,16 +6,19 @@ counted under `UNKNOWN_MODEL`, so junk URLs cannot create new time series.
 
 from __future__ import annotations
 
+import os
+import resource
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Enum,
     Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -44,15 +47,29 @@ _LATENCY_BUCKETS = (
 _STATES = ["START", "LOADING", "AVAILABLE", "UNLOADING", "END"]
 
 
+def multiprocess_directory() -> str | None:
+    """Return the directory where worker processes share metric values, if there is one."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
 class Metrics:
-    """The server's metrics, kept in a registry of their own."""
+    """The server's metrics, kept in a registry of their own.
+
+    With several workers, prometheus_client's multiprocess mode keeps each worker's values in
+    files under PROMETHEUS_MULTIPROC_DIR (set by the supervisor before the workers start), and
+    every worker's /metrics merges all of them. The standard process collectors only see the
+    answering process there, so each worker publishes its own memory and CPU time instead.
+    """
 
     def __init__(self) -> None:
         # The `_created` series double the output and no dashboard uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
-        self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
+        self.multiprocess = multiprocess_directory() is not None
+        self.registry: CollectorRegistry | None = None
+        if not self.multiprocess:
+            self.registry = CollectorRegistry(auto_describe=True)
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         self.requests = Counter(
             "servekit_requests",
             "Inference requests, by model, version, protocol and HTTP status code.",
@@ -73,24 +90,26 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.version_state = Enum(
+        self.version_state = Gauge(
             "servekit_model_version_state",
-            "Lifecycle state of each model version the server knows of.",
-            ["model", "version"],
-            states=_STATES,
+            "1 for the lifecycle state each model version is in, 0 for the others.",
+            ["model", "version", "state"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.queue_rows = Gauge(
             "servekit_queue_rows",
             "Rows waiting in the batcher's queue.",
             ["model", "version"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.inflight = Gauge(
             "servekit_inflight_requests",
             "Inference requests accepted and not yet answered.",
             ["model", "version"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.queue_duration = Histogram(
             "servekit_queue_duration_seconds",
@@ -117,8 +136,39 @@ class Metrics:
             "Time the last successful load of each version took, in seconds.",
             ["model", "version"],
             registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.worker_memory = Gauge(
+            "servekit_worker_resident_memory_bytes",
+            "Resident memory of each worker process, in bytes.",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
+        self.worker_cpu = Gauge(
+            "servekit_worker_cpu_seconds",
+            "CPU time each worker process has used, in seconds.",
+            registry=self.registry,
+            multiprocess_mode="liveall",
         )
 
+    def set_state(self, model: str, version: str, state: str) -> None:
+        """Mark `state` as the current lifecycle state of one version."""
+        for name in _STATES:
+            self.version_state.labels(model, version, name).set(1 if name == state else 0)
+
+    def sample_process(self) -> None:
+        """Record this process's memory and CPU time (what the process collectors report)."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.worker_cpu.set(usage.ru_utime + usage.ru_stime)
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        self.worker_memory.set(pages * os.sysconf("SC_PAGE_SIZE"))
+
     def render(self) -> bytes:
-        """Return the Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """Return the Prometheus text exposition of every metric, merged across workers."""
+        if self.registry is not None:
+            return generate_latest(self.registry)
+        self.sample_process()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -24,6 +24,7 @@ from servekit.server.v2_routes import V2Routes
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("servekit.access")
+_SAMPLE_SECONDS = 5.0
 
 
 class ServekitApp:
@@ -43,6 +44,7 @@ class ServekitApp:
         self.request_timeout = request_timeout
         # Set by the runner once the socket is bound, for the startup log line.
         self.address = ""
+        self._sampler: asyncio.Task[None] | None = None
         self._tfserving = TFServingRoutes(manager)
         self._v2 = V2Routes(manager)
 
@@ -59,6 +61,8 @@ class ServekitApp:
                 await self._startup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._sampler is not None:
+                    self._sampler.cancel()
                 await asyncio.get_running_loop().run_in_executor(None, self.manager.unload_all)
                 logger.info("servekit stopped")
                 await send({"type": "lifespan.shutdown.complete"})
@@ -67,7 +71,15 @@ class ServekitApp:
     async def _startup(self) -> None:
         # Loading blocks on file reads and runtime set-up, so it runs off the event loop.
         await asyncio.get_running_loop().run_in_executor(None, self.manager.load_all)
+        if self.metrics.multiprocess:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_process())
         logger.info("serving REST API on %s", self.address or "an ASGI server")
+
+    async def _sample_process(self) -> None:
+        # Workers publish their own memory and CPU time, since no collector sees the others.
+        while True:
+            self.metrics.sample_process()
+            await asyncio.sleep(_SAMPLE_SECONDS)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()

@@ -79,11 +79,24 @@ def build_app(settings: ServerSettings) -> ServekitApp:
 
 
 def serve(settings: ServerSettings) -> None:
-    """Bind the REST port, load the models and serve until stopped."""
+    """Bind the REST port, load the models and serve until stopped.
+
+    With `--workers N` above 1, a supervisor process starts N worker processes that each bind
+    the port with SO_REUSEPORT, so the kernel spreads connections across them.
+    """
+    if settings.workers > 1:
+        from servekit.server.supervisor import Supervisor
+
+        Supervisor(settings).run()
+        return
+    run_worker(settings, bind(settings.rest_api_host, settings.rest_api_port))
+
+
+def run_worker(settings: ServerSettings, sock: socket.socket) -> None:
+    """Serve on an already bound socket until SIGINT or SIGTERM."""
     app = build_app(settings)
-    sock = _bind(settings.rest_api_host, settings.rest_api_port)
     host, port = sock.getsockname()[:2]
-    app.address = f"http://{_format_host(host)}:{port}"
+    app.address = f"http://{format_host(host)}:{port}"
     config = uvicorn.Config(
         app,
         loop="uvloop",
@@ -137,18 +150,21 @@ class _JsonErrorProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """Bind a TCP socket, raising BindError with the reason when the address is unusable."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc)
-        raise BindError(f"cannot listen on {_format_host(host)}:{port}: {reason}") from None
+        raise BindError(f"cannot listen on {format_host(host)}:{port}: {reason}") from None
     return sock
 
 
-def _format_host(host: str) -> str:
+def format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
