@@ -1,6 +1,8 @@
 """The batcher: one queue per servable that merges requests into batches of rows.
 
-Everything here except `_execute` runs on the event loop, so the queue needs no lock. A batch
+Everything here except `_execute` runs on the event loop, so the queue needs no lock. Batches
+run on the servable's instance threads, or, for a single instance whose batches take under
+INLINE_MAX_SECONDS, on the event loop thread itself, which saves the thread hand-off. A batch
 is taken from the queue as soon as an instance is free; while all instances are busy, requests
 accumulate and the next free instance takes up to `max_batch_size` rows at once. Requests whose
 inputs differ in dtype or non-batch shape (after padding) never share a batch, and a request
@@ -44,8 +46,6 @@ Predict = Callable[[Arrays, tuple[str, ...]], Arrays]
 class BatcherMetrics:
     """Metric children (already labelled with model and version) that the batcher updates."""
 
-    queue_rows: Any
-    inflight: Any
     queue_seconds: Any
     batch_rows: Any
     rejected_full: Any
@@ -91,6 +91,16 @@ class _Task:
 
 # A slice of one task's rows: (task, first row, end row).
 _Part = tuple[_Task, int, int]
+# What running a batch produces: a result or error per part, and the seconds it took.
+_Outcome = tuple[list[Arrays | BaseException], float]
+
+# Batches that take less than this on average run on the event loop thread itself. Handing a
+# batch to an instance thread and back costs about 100 us on the machines measured (see
+# docs/benchmarks.md), more than a small model's whole computation; longer batches run in
+# threads so the loop keeps reading requests meanwhile.
+INLINE_MAX_SECONDS = 0.0005
+_INLINE_AFTER_BATCHES = 16
+_AVERAGE_WEIGHT = 0.1
 
 
 class Batcher:
@@ -117,7 +127,15 @@ class Batcher:
         self._metrics = metrics
         self._queue: deque[_Task] = deque()
         self._queued_rows = 0
+        # Requests accepted and not yet answered; read by the metrics at scrape time.
+        self.inflight = 0
         self._timer: asyncio.TimerHandle | None = None
+        # Batches start in the instance threads; once they prove fast, they run inline.
+        self._inline_allowed = instances == 1 and config.execution == "auto"
+        self._inline = config.execution == "inline"
+        self._dispatch_scheduled = False
+        self._batch_seconds = 0.0
+        self._batches = 0
 
     async def submit(
         self, inputs: Arrays, outputs: tuple[str, ...], deadline: float | None
@@ -134,10 +152,9 @@ class Batcher:
         task = _Task(inputs, outputs, rows, self._key(inputs), deadline, loop.create_future())
         self._queue.append(task)
         self._queued_rows += rows
-        self._metrics.queue_rows.inc(rows)
-        self._metrics.inflight.inc()
+        self.inflight += 1
         try:
-            self._dispatch()
+            self._request_dispatch()
             timeout = None if deadline is None else deadline - time.monotonic()
             async with asyncio.timeout(timeout):
                 return await task.future
@@ -146,7 +163,7 @@ class Batcher:
         finally:
             # Rows never dispatched (cancelled or timed out) leave the queue now.
             self._forget(task)
-            self._metrics.inflight.dec()
+            self.inflight -= 1
 
     def _key(self, inputs: Arrays) -> BatchKey:
         return batch_key(inputs, self._config) if self._merging else None
@@ -156,14 +173,27 @@ class Batcher:
         if left:
             task.taken = task.rows
             self._queued_rows -= left
-            self._metrics.queue_rows.dec(left)
             with contextlib.suppress(ValueError):
                 self._queue.remove(task)
         if not task.future.done():
             task.future.cancel()
 
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def _request_dispatch(self) -> None:
+        if not self._inline:
+            self._dispatch()
+        elif not self._dispatch_scheduled:
+            # Inline batches run after the loop has handled every request that is already
+            # readable, so those requests share the batch instead of running one by one.
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
     def _dispatch(self) -> None:
         """Start batches while an instance is free and the queue holds work."""
+        self._dispatch_scheduled = False
         while self._free and self._queue:
             if self._should_wait():
                 return
@@ -171,6 +201,9 @@ class Batcher:
             if not parts:
                 continue
             self._free -= 1
+            if self._inline:
+                self._complete(parts, self._execute(parts))
+                continue
             loop = asyncio.get_running_loop()
             running = loop.run_in_executor(self._executor, self._execute, parts)
             running.add_done_callback(functools.partial(self._finish, parts))
@@ -219,15 +252,19 @@ class Batcher:
             task.taken += take
             rows += take
             self._queued_rows -= take
-            self._metrics.queue_rows.dec(take)
             if task.taken == task.rows:
                 del self._queue[index]
             if limit is None or rows >= limit:
                 break
         return parts
 
-    def _execute(self, parts: list[_Part]) -> list[Arrays | BaseException]:
-        """Run one batch in an instance thread; return each part's outputs or its error."""
+    def _execute(self, parts: list[_Part]) -> _Outcome:
+        """Run one batch; return each part's outputs or its error, and the seconds it took."""
+        started = time.perf_counter()
+        results = self._execute_parts(parts)
+        return results, time.perf_counter() - started
+
+    def _execute_parts(self, parts: list[_Part]) -> list[Arrays | BaseException]:
         if len(parts) == 1 and not self._config.allowed_batch_sizes:
             return [self._run_part(parts[0])]
         try:
@@ -276,17 +313,30 @@ class Batcher:
         self._metrics.rejected_deadline.inc()
         return DeadlineExceededError(f"model {self._name} did not answer in time")
 
-    def _finish(
-        self, parts: list[_Part], done: asyncio.Future[list[Arrays | BaseException]]
-    ) -> None:
-        self._free += 1
+    def _finish(self, parts: list[_Part], done: asyncio.Future[_Outcome]) -> None:
         try:
-            results: list[Arrays | BaseException] = done.result()
+            outcome = done.result()
         except BaseException as exc:
-            results = [exc] * len(parts)
+            outcome = ([exc] * len(parts), 0.0)
+        self._complete(parts, outcome)
+        self._dispatch()
+
+    def _complete(self, parts: list[_Part], outcome: _Outcome) -> None:
+        results, seconds = outcome
+        self._free += 1
+        self._update_inline(seconds)
         for (task, start, stop), result in zip(parts, results, strict=True):
             self._deliver(task, start, stop, result)
-        self._dispatch()
+
+    def _update_inline(self, seconds: float) -> None:
+        # A moving average of the time per batch decides where the next batches run.
+        self._batch_seconds += _AVERAGE_WEIGHT * (seconds - self._batch_seconds)
+        self._batches += 1
+        self._inline = (
+            self._inline_allowed
+            and self._batches >= _INLINE_AFTER_BATCHES
+            and self._batch_seconds < INLINE_MAX_SECONDS
+        )
 
     def _deliver(self, task: _Task, start: int, stop: int, result: Arrays | BaseException) -> None:
         if task.future.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,9 @@ class BatchingConfig:
     """
 
     enabled: bool = True
+    # Where batches run: "thread" (instance threads), "inline" (the event loop thread, for
+    # models that compute in microseconds), or "auto" (inline once batches prove fast).
+    execution: Literal["auto", "thread", "inline"] = "auto"
     # Rows, not requests, in one call to the runtime.
     max_batch_size: int = 32
     # Seconds a free instance waits for more rows before it runs an under-full batch. The

@@ -141,12 +141,23 @@ class ModelManager:
         if servable.state is State.AVAILABLE:
             self._metrics.load_duration.labels(model.name, str(version)).set(servable.load_seconds)
 
+    def record_load(self) -> None:
+        """Copy each servable's queue depth and in-flight count into their gauges.
+
+        The batchers keep plain counters on the hot path; the gauges are set when metrics are
+        read, so they are exact at every scrape and cost nothing per request.
+        """
+        for model in self._models.values():
+            for servable in model.servables.values():
+                labels = (model.name, str(servable.version))
+                queued, inflight = servable.load_figures()
+                self._metrics.queue_rows.labels(*labels).set(queued)
+                self._metrics.inflight.labels(*labels).set(inflight)
+
     def _servable_metrics(self, name: str, version: int) -> ServableMetrics:
         labels = (name, str(version))
         metrics = self._metrics
         batcher = BatcherMetrics(
-            queue_rows=metrics.queue_rows.labels(*labels),
-            inflight=metrics.inflight.labels(*labels),
             queue_seconds=metrics.queue_duration.labels(*labels),
             batch_rows=metrics.batch_size.labels(*labels),
             rejected_full=metrics.rejected.labels(*labels, "queue_full"),

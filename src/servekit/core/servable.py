@@ -159,6 +159,12 @@ class Servable:
         self.state = State.END
         logger.info("unloaded model %s version %d", self.model_name, self.version)
 
+    def load_figures(self) -> tuple[int, int]:
+        """Return the rows queued and the requests in flight on this version."""
+        if self._batcher is None:
+            return 0, 0
+        return self._batcher.queued_rows, self._batcher.inflight
+
     def _batching_config(self, signature: Signature) -> BatchingConfig:
         config = self._options.batching
         batchable = all(spec.shape and spec.shape[0] == -1 for spec in signature.inputs)

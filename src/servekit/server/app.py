@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from servekit.core.errors import NotFoundError, ServekitError, shorten
 from servekit.core.manager import ModelManager
@@ -24,7 +25,8 @@ from servekit.server.v2_routes import V2Routes
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("servekit.access")
-_SAMPLE_SECONDS = 5.0
+# How often each worker publishes its figures when several workers share the metrics.
+_SAMPLE_SECONDS = 1.0
 
 
 class ServekitApp:
@@ -45,6 +47,8 @@ class ServekitApp:
         # Set by the runner once the socket is bound, for the startup log line.
         self.address = ""
         self._sampler: asyncio.Task[None] | None = None
+        # Labelled metric children by (model, version, protocol, status), to skip labels().
+        self._request_metrics: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self._tfserving = TFServingRoutes(manager)
         self._v2 = V2Routes(manager)
 
@@ -79,6 +83,7 @@ class ServekitApp:
         # Workers publish their own memory and CPU time, since no collector sees the others.
         while True:
             self.metrics.sample_process()
+            self.manager.record_load()
             await asyncio.sleep(_SAMPLE_SECONDS)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -128,15 +133,24 @@ class ServekitApp:
             return await self._v2.handle(request)
         if path == "/metrics":
             require_method(request, "GET")
+            self.manager.record_load()
             return Response(200, self.metrics.render(), CONTENT_TYPE)
         raise NotFoundError(f"unknown path {shorten(path)}")
 
     def _observe(self, request: Request, status: int, elapsed: float) -> None:
         if request.metric_model is None:
             return
-        labels = (request.metric_model, request.metric_version, request.protocol, str(status))
-        self.metrics.requests.labels(*labels).inc()
-        self.metrics.request_duration.labels(*labels).observe(elapsed)
+        key = (request.metric_model, request.metric_version, request.protocol, status)
+        children = self._request_metrics.get(key)
+        if children is None:
+            labels = (*key[:3], str(status))
+            children = (
+                self.metrics.requests.labels(*labels),
+                self.metrics.request_duration.labels(*labels),
+            )
+            self._request_metrics[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
 
     @staticmethod
     def _log_error(request: Request, exc: ServekitError) -> None:

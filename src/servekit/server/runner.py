@@ -8,9 +8,11 @@ import functools
 import logging
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -27,6 +29,7 @@ from servekit.runtimes.base import RuntimeOptions
 from servekit.server.app import ServekitApp
 
 logger = logging.getLogger(__name__)
+_SWITCH_INTERVAL_SECONDS = 0.0002
 
 
 class BindError(Exception):
@@ -94,6 +97,13 @@ def serve(settings: ServerSettings) -> None:
 
 def run_worker(settings: ServerSettings, sock: socket.socket) -> None:
     """Serve on an already bound socket until SIGINT or SIGTERM."""
+    # Instance threads return from onnxruntime (which released the GIL) wanting it back while
+    # the event loop thread holds it. Python makes them wait up to the switch interval (5 ms by
+    # default) for every batch; a shorter interval hands the GIL over sooner.
+    sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
+    # Casts that overflow are detected explicitly and answered with 400; numpy's warning would
+    # only add noise to the log.
+    np.seterr(over="ignore")
     app = build_app(settings)
     host, port = sock.getsockname()[:2]
     app.address = f"http://{format_host(host)}:{port}"
