@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ def build_mlp(name: str, sizes: list[int], seed: int = 0) -> onnx.ModelProto:
     nodes = []
     initializers = []
     current = "x"
-    for index, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         weight = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         bias = np.zeros(fan_out, dtype=np.float32)
         initializers += [
