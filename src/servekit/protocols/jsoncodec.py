@@ -10,6 +10,7 @@ with 400 rather than ignored.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from typing import Any
 
@@ -68,7 +69,9 @@ def _prepare(value: Any, special: dict[str, bytes]) -> Any:
 
 
 def _prepare_array(array: np.ndarray[Any, Any], special: dict[str, bytes]) -> Any:
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    # The sum is finite whenever every element is, so one reduction with no temporary array
+    # clears the common case; a sum that overflows only costs the exact check.
+    if array.dtype.kind == "f" and not math.isfinite(array.sum()) and not np.isfinite(array).all():
         marker = f"{_MARKER_PREFIX}{len(special)}"
         special[marker] = _float_tokens(array)
         return marker

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -76,9 +77,9 @@ def _cast(array: np.ndarray[Any, Any], datatype: DataType, name: str) -> np.ndar
     # A finite value too large for a narrower float type would silently become infinite.
     # numpy's overflow warning is off in servers (see run_worker), and the check is explicit.
     result = array.astype(target)
-    if not np.isfinite(result).all() and (np.isinf(result) & np.isfinite(array)).any():
-        raise _out_of_range(name, datatype, f"magnitude up to {np.finfo(target).max}")
-    return result
+    if math.isfinite(result.sum()) or not (np.isinf(result) & np.isfinite(array)).any():
+        return result
+    raise _out_of_range(name, datatype, f"magnitude up to {np.finfo(target).max}")
 
 
 def _out_of_range(name: str, datatype: DataType, bounds: str) -> InvalidInputError:
