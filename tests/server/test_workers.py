@@ -64,6 +64,9 @@ def test_crashed_worker_is_restarted(two_workers: ServerProcess) -> None:
     before = worker_pids(two_workers)
     assert len(before) == 2
     os.kill(before[1], signal.SIGKILL)
+    # Connections already queued on the killed worker's socket are reset by the kernel, so
+    # the requests start only after the supervisor has noticed that the worker exited.
+    wait_for(lambda: f"worker 1 (pid {before[1]}) exited" in two_workers.log)
     for _ in range(30):
         assert predict(two_workers.url).status_code == 200
     wait_for(lambda: worker_pids(two_workers).get(1, before[1]) != before[1])
