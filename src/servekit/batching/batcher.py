@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import time
+import typing
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -73,14 +74,13 @@ class _Task:
         inputs: Arrays,
         outputs: tuple[str, ...],
         rows: int,
-        key: BatchKey,
         deadline: float | None,
         future: asyncio.Future[Arrays],
     ) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self.rows = rows
-        self.key = key
+        self.key: BatchKey | object = _NO_KEY
         self.deadline = deadline
         self.future = future
         self.enqueued = time.monotonic()
@@ -99,6 +99,9 @@ _Outcome = tuple[list[Arrays | BaseException], float]
 # docs/benchmarks.md), more than a small model's whole computation; longer batches run in
 # threads so the loop keeps reading requests meanwhile.
 INLINE_MAX_SECONDS = 0.0005
+# Deadlines are checked this often, so a request may get its 504 up to this much late.
+SWEEP_SECONDS = 0.05
+_NO_KEY = object()
 _INLINE_AFTER_BATCHES = 16
 _AVERAGE_WEIGHT = 0.1
 
@@ -127,8 +130,9 @@ class Batcher:
         self._metrics = metrics
         self._queue: deque[_Task] = deque()
         self._queued_rows = 0
-        # Requests accepted and not yet answered; read by the metrics at scrape time.
-        self.inflight = 0
+        # Requests accepted and not yet answered, and the timer that enforces their deadlines.
+        self._pending: set[_Task] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         # Batches start in the instance threads; once they prove fast, they run inline.
         self._inline_allowed = instances == 1 and config.execution == "auto"
@@ -149,24 +153,40 @@ class Batcher:
                 f"(max_queue_size {self._config.max_queue_size}); retry later"
             )
         loop = asyncio.get_running_loop()
-        task = _Task(inputs, outputs, rows, self._key(inputs), deadline, loop.create_future())
+        task = _Task(inputs, outputs, rows, deadline, loop.create_future())
         self._queue.append(task)
         self._queued_rows += rows
-        self.inflight += 1
+        self._pending.add(task)
+        if deadline is not None and self._sweeper is None:
+            self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
         try:
             self._request_dispatch()
-            timeout = None if deadline is None else deadline - time.monotonic()
-            async with asyncio.timeout(timeout):
-                return await task.future
-        except TimeoutError:
-            raise self._expired() from None
+            return await task.future
         finally:
-            # Rows never dispatched (cancelled or timed out) leave the queue now.
+            # Rows never dispatched (cancelled or expired) leave the queue now.
             self._forget(task)
-            self.inflight -= 1
+            self._pending.discard(task)
 
-    def _key(self, inputs: Arrays) -> BatchKey:
-        return batch_key(inputs, self._config) if self._merging else None
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    def _sweep(self) -> None:
+        """Fail requests past their deadline, queued or running, then check again later."""
+        self._sweeper = None
+        now = time.monotonic()
+        for task in list(self._pending):
+            if task.deadline is not None and task.deadline <= now and not task.future.done():
+                task.future.set_exception(self._expired())
+        if self._pending:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def _key(self, task: _Task) -> BatchKey:
+        # Computed only when two requests are compared, so a lone request never pays for it.
+        if task.key is _NO_KEY:
+            task.key = batch_key(task.inputs, self._config)
+        return typing.cast(BatchKey, task.key)
 
     def _forget(self, task: _Task) -> None:
         left = task.rows - task.taken
@@ -239,7 +259,7 @@ class Batcher:
                     task.future.set_exception(self._expired())
                 self._forget(task)
                 continue
-            if parts and (limit is None or task.key != parts[0][0].key):
+            if parts and (limit is None or self._key(task) != self._key(parts[0][0])):
                 index += 1
                 if limit is None:
                     break
@@ -330,12 +350,12 @@ class Batcher:
 
     def _update_inline(self, seconds: float) -> None:
         # A moving average of the time per batch decides where the next batches run.
+        if not self._inline_allowed:
+            return
         self._batch_seconds += _AVERAGE_WEIGHT * (seconds - self._batch_seconds)
         self._batches += 1
         self._inline = (
-            self._inline_allowed
-            and self._batches >= _INLINE_AFTER_BATCHES
-            and self._batch_seconds < INLINE_MAX_SECONDS
+            self._batches >= _INLINE_AFTER_BATCHES and self._batch_seconds < INLINE_MAX_SECONDS
         )
 
     def _deliver(self, task: _Task, start: int, stop: int, result: Arrays | BaseException) -> None:
