@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install serve test lint models protos clean
+.PHONY: install serve test lint models protos bench clean
 
 install: $(STAMP)
 
@@ -39,3 +39,7 @@ models: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Throughput against baselines (needs wrk: apt-get install wrk); see docs/benchmarks.md.
+bench: install
+	$(BIN)/python benchmarks/run_throughput.py
