@@ -91,13 +91,13 @@ class _Task:
 
 # A slice of one task's rows: (task, first row, end row).
 _Part = tuple[_Task, int, int]
-# What running a batch produces: a result or error per part, and the seconds it took.
+# The outcome of one batch: a result or error per part, and the seconds it took.
 _Outcome = tuple[list[Arrays | BaseException], float]
 
 # Batches that take less than this on average run on the event loop thread itself. Handing a
 # batch to an instance thread and back costs about 100 us on the machines measured (see
-# docs/benchmarks.md), more than a small model's whole computation; longer batches run in
-# threads so the loop keeps reading requests meanwhile.
+# docs/benchmarks.md), which is more than a small model's whole computation. Longer batches
+# run in threads, so the loop keeps reading requests meanwhile.
 INLINE_MAX_SECONDS = 0.0005
 # Deadlines are checked this often, so a request may get its 504 up to this much late.
 SWEEP_SECONDS = 0.05
@@ -212,7 +212,7 @@ class Batcher:
             asyncio.get_running_loop().call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
-        """Start batches while an instance is free and the queue holds work."""
+        """Start batches while an instance is free and the queue contains work."""
         self._dispatch_scheduled = False
         while self._free and self._queue:
             if self._should_wait():
@@ -331,7 +331,7 @@ class Batcher:
 
     def _expired(self) -> DeadlineExceededError:
         self._metrics.rejected_deadline.inc()
-        return DeadlineExceededError(f"model {self._name} did not answer in time")
+        return DeadlineExceededError(f"request to model {self._name} timed out")
 
     def _finish(self, parts: list[_Part], done: asyncio.Future[_Outcome]) -> None:
         try:

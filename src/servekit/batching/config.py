@@ -10,8 +10,8 @@ from typing import Literal
 class PadSpec:
     """How to pad one input so requests of different lengths can share a batch.
 
-    `axes` are the non-batch axes (1 or more) that may differ between requests; each is padded
-    at its end with `value` up to the longest request in the batch.
+    `axes` are the non-batch axes (1 or more) that may differ between requests. Each of them is
+    padded at its end with `value` up to the longest request in the batch.
     """
 
     value: float = 0.0

@@ -61,8 +61,9 @@ class VersionStatus:
 class Servable:
     """Runtime + signature + state + batcher for one version.
 
-    `load` and `unload` block and run outside the event loop; `infer` is called on the loop and
-    hands the computation to the batcher, which runs it on this servable's instance threads.
+    `load` and `unload` block and run outside the event loop. `infer` is called on the loop and
+    hands the computation to the batcher, which runs it on this servable's instance threads or,
+    for batches that take well under a millisecond, on the loop itself.
     """
 
     def __init__(
@@ -192,7 +193,7 @@ class Servable:
     def _predict(
         self, inputs: dict[str, np.ndarray[Any, Any]], outputs: tuple[str, ...]
     ) -> dict[str, np.ndarray[Any, Any]]:
-        """Run the runtime in an instance thread; failures other than bad input become 500s."""
+        """Run the runtime for one batch; failures other than bad input become 500s."""
         runtime = self._runtime
         if runtime is None:
             raise UnavailableError(self._unavailable_message())
