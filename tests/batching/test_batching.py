@@ -291,3 +291,53 @@ def test_gauges_and_counters_at_rest(batching_server: ServerProcess) -> None:
         ) == value(after, "servekit_requests_total", **labels, protocol="v2", code=code)
     assert value(after, "servekit_queue_rows", **labels) == 0.0
     assert value(after, "servekit_inflight_requests", **labels) == 0.0
+
+
+def test_inputs_must_share_rows(batching_server: ServerProcess) -> None:
+    body = {
+        "inputs": [
+            {"name": "a", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]},
+            {"name": "b", "shape": [1], "datatype": "INT64", "data": [3]},
+        ]
+    }
+    response = httpx.post(f"{batching_server.url}/v2/models/twoin/infer", json=body)
+    message = assert_json_error(response, 400)
+    assert "same number of rows" in message
+
+
+def test_python_model_never_blocks_the_loop(batching_server: ServerProcess) -> None:
+    url = batching_server.url
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for _ in range(40):
+            assert client.post("/v1/models/slow:predict", json=slow_body(0)).status_code == 200
+
+    async def slow_and_health() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            slow = asyncio.create_task(
+                client.post(
+                    "/v1/models/slow:predict",
+                    json=slow_body(1.0),
+                    headers={"x-request-timeout-ms": "300"},
+                )
+            )
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            assert (await client.get("/v2/health/live")).status_code == 200
+            return await slow, time.monotonic() - started
+
+    response, health_seconds = asyncio.run(slow_and_health())
+    assert_json_error(response, 504)
+    assert health_seconds < 0.3
+
+
+def test_timeout_header_cannot_extend_server_limit(tmp_path: Path) -> None:
+    root = write_batching_repository(tmp_path)
+    server = ServerProcess("--model_repository", str(root), "--rest_api_timeout_in_ms", "300")
+    response = httpx.post(
+        f"{server.url}/v1/models/slow_pair:predict",
+        json=slow_body(1.0),
+        headers={"x-request-timeout-ms": "60000"},
+        timeout=10,
+    )
+    server.stop()
+    assert_json_error(response, 504)

@@ -82,3 +82,64 @@ def test_invalid_model_settings_fail_that_model(tmp_path: Path) -> None:
     assert statuses["other"]["state"] == "END"
     assert "instanses" in statuses["other"]["status"]["error_message"]
     assert statuses["fine"]["state"] == "AVAILABLE"
+
+
+FIXED_SOURCE = """
+class Model:
+    inputs = [("x", "FP32", [2, 3])]
+    outputs = [("y", "FP32", [2, 3])]
+
+    def predict(self, inputs):
+        return {"y": inputs["x"] + 1}
+"""
+
+
+def test_fixed_shape_model_is_never_padded(tmp_path: Path) -> None:
+    config = "batching: {max_batch_size: 4, allowed_batch_sizes: [4]}\n"
+    write_python_model(tmp_path, "fixed", FIXED_SOURCE, config)
+    server = ServerProcess("--model_repository", str(tmp_path))
+    response = httpx.post(
+        f"{server.url}/v1/models/fixed:predict", json={"inputs": {"x": [[1, 2, 3], [4, 5, 6]]}}
+    )
+    server.stop()
+    assert response.status_code == 200
+    assert response.json() == {"outputs": [[2.0, 3.0, 4.0], [5.0, 6.0, 7.0]]}
+
+
+def test_invalid_settings_are_explained(tmp_path: Path) -> None:
+    cases = {
+        "axis0": "batching: {padding: {x: {axes: [0]}}}\n",
+        "nosuch": "batching: {padding: {nosuch: {}}}\n",
+        "boolean": "instances: true\n",
+        "badyaml": "batching: {max_batch_size: [\n",
+    }
+    for name, config in cases.items():
+        write_python_model(tmp_path, name, ROWCOUNT_SOURCE, config)
+    server = ServerProcess("--model_repository", str(tmp_path))
+    messages = {
+        name: httpx.get(f"{server.url}/v1/models/{name}").json()["model_version_status"][0]
+        for name in cases
+    }
+    server.stop()
+    for name, status in messages.items():
+        assert status["state"] == "END", name
+        assert "_ModelFile" not in status["status"]["error_message"], name
+        assert "\n" not in status["status"]["error_message"], name
+    assert "batching.padding.x.axes.0" in messages["axis0"]["status"]["error_message"]
+    assert "'nosuch'" in messages["nosuch"]["status"]["error_message"]
+    assert "instances" in messages["boolean"]["status"]["error_message"]
+    assert "line" in messages["badyaml"]["status"]["error_message"]
+
+
+def test_zero_batch_threads_rejected(tmp_path: Path) -> None:
+    parameters = tmp_path / "batching.pbtxt"
+    parameters.write_text("num_batch_threads { value: 0 }\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "servekit", "serve", "--batching_parameters_file", str(parameters)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "num_batch_threads" in result.stderr
+    assert "Traceback" not in result.stderr

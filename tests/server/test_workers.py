@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +86,52 @@ def test_sigterm_stops_every_worker(two_workers: ServerProcess) -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "all workers stopped" in two_workers.log
+
+
+def test_workers_refuse_a_port_in_use(toy_server: ServerProcess, toy_repository: Path) -> None:
+    port = toy_server.url.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "servekit", "serve", "--model_repository", str(toy_repository),
+         "--rest_api_port", port, "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot listen on" in result.stderr
+
+
+def test_workers_refuse_invalid_settings(tmp_path: Path) -> None:
+    parameters = tmp_path / "batching.pbtxt"
+    parameters.write_text("max_batch_size { value: 0 }\n")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "servekit", "serve", "--rest_api_port", "0", "--workers", "2",
+         "--batching_parameters_file", str(parameters)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "max_batch_size" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_workers_exit_with_their_supervisor(toy_repository: Path) -> None:
+    server = ServerProcess("--model_repository", str(toy_repository), "--workers", "2")
+    _ = server.url
+    wait_for(lambda: len(worker_pids(server)) == 2)
+    pids = list(worker_pids(server).values())
+    server.stop(signal.SIGKILL)
+
+    def all_gone() -> bool:
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            return False
+        return True
+
+    wait_for(all_gone, timeout=20)

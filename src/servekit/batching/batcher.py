@@ -101,7 +101,10 @@ _Outcome = tuple[list[Arrays | BaseException], float]
 INLINE_MAX_SECONDS = 0.0005
 # Deadlines are checked this often, so a request may get its 504 up to this much late.
 SWEEP_SECONDS = 0.05
+# A batch this slow sends a servable back to its instance threads straight away.
+_INLINE_ABORT_SECONDS = 0.005
 _NO_KEY = object()
+_SKIPPED = DeadlineExceededError("the request was answered before its rows ran")
 _INLINE_AFTER_BATCHES = 16
 _AVERAGE_WEIGHT = 0.1
 
@@ -146,6 +149,8 @@ class Batcher:
     ) -> Arrays:
         """Queue validated inputs and wait for this request's own outputs."""
         rows = _rows(inputs)
+        # A request larger than the whole bound is still admitted into an empty queue, so
+        # big offline requests work on an idle server.
         if self._queued_rows + rows > self._config.max_queue_size and self._queue:
             self._metrics.rejected_full.inc()
             raise OverloadedError(
@@ -287,6 +292,8 @@ class Batcher:
     def _execute_parts(self, parts: list[_Part]) -> list[Arrays | BaseException]:
         if len(parts) == 1 and not self._config.allowed_batch_sizes:
             return [self._run_part(parts[0])]
+        if not self._merging:
+            return [self._run_part(part) for part in parts]
         try:
             return self._run_merged(parts)
         except NotRowAlignedError as exc:
@@ -295,8 +302,9 @@ class Batcher:
                 logger.warning("stopped merging requests for model %s: %s", self._name, exc)
         except Exception:
             logger.debug("batch of %d parts failed; running them one by one", len(parts))
-        # One request's bad data must not fail the others, so each part runs alone.
-        return [self._run_part(part) for part in parts]
+        # One request's bad data must not fail the others, so each part runs alone, except
+        # the parts whose request is already answered (expired or abandoned).
+        return [self._run_part(part) if not part[0].future.done() else _SKIPPED for part in parts]
 
     def _run_part(self, part: _Part) -> Arrays | BaseException:
         task, start, stop = part
@@ -349,8 +357,14 @@ class Batcher:
             self._deliver(task, start, stop, result)
 
     def _update_inline(self, seconds: float) -> None:
-        # A moving average of the time per batch decides where the next batches run.
+        # A moving average of the time per batch decides where the next batches run, and one
+        # slow batch sends them back to the threads at once.
         if not self._inline_allowed:
+            return
+        if seconds > _INLINE_ABORT_SECONDS:
+            self._inline = False
+            self._batches = 0
+            self._batch_seconds = seconds
             return
         self._batch_seconds += _AVERAGE_WEIGHT * (seconds - self._batch_seconds)
         self._batches += 1

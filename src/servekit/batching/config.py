@@ -60,6 +60,8 @@ class BatchingConfig:
         if self.max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1")
         sizes = self.allowed_batch_sizes
+        if any(size < 1 for size in sizes):
+            raise ValueError("allowed_batch_sizes must all be at least 1")
         if sizes and (list(sizes) != sorted(set(sizes)) or sizes[-1] != self.max_batch_size):
             raise ValueError(
                 "allowed_batch_sizes must be increasing and end with max_batch_size "

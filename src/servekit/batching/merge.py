@@ -71,7 +71,8 @@ def _pad_to_common_shape(
         for axis, width in widths.items():
             pad[axis] = (0, width - array.shape[axis])
         if any(after for _, after in pad):
-            array = np.pad(array, pad, constant_values=spec.value)
+            value: Any = b"" if array.dtype == object else spec.value
+            array = np.pad(array, pad, constant_values=value)
         padded.append(array)
     return padded
 

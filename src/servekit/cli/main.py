@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from servekit import __version__
 from servekit.cli.options import options_from
+from servekit.config.model_config import describe_validation_error
 from servekit.config.settings import ServerSettings
 from servekit.observability.logging import configure_logging
 
@@ -27,26 +28,18 @@ def serve(**flags: Any) -> None:
     try:
         settings = ServerSettings(**given)
     except ValidationError as exc:
-        raise click.UsageError(_describe(exc)) from None
+        raise click.UsageError(describe_validation_error(exc, prefix="--")) from None
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
     # Imported after logging is set up, and only for this command, because it loads uvicorn.
     from servekit.config.model_config import ConfigError
     from servekit.server.runner import BindError
     from servekit.server.runner import serve as run_server
+    from servekit.server.supervisor import WorkersFailedError
 
     try:
         run_server(settings)
-    except (BindError, ConfigError, FileNotFoundError) as exc:
+    except (BindError, ConfigError, FileNotFoundError, WorkersFailedError) as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        location = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"--{location}: {message}" if location else message)
-    return "; ".join(lines)
 
 
 def main() -> None:

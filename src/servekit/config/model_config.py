@@ -6,6 +6,7 @@ An example, with every key optional::
     intra_op_threads: 1          # runtime threads inside one operator
     batching:
       enabled: true              # on by default when every input's first dimension varies
+      execution: auto            # auto, thread or inline: where batches run
       max_batch_size: 32         # rows per call to the runtime
       max_queue_delay_ms: 0      # wait for more rows before running an under-full batch
       max_queue_size: 4096       # rows waiting; beyond this, 429
@@ -17,8 +18,9 @@ An example, with every key optional::
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from google.protobuf import text_format
@@ -30,6 +32,13 @@ from servekit.core.options import ServableOptions
 from servekit.repository.layout import ModelSource
 
 MODEL_CONFIG_FILE = "servekit.yaml"
+# BatchingParameters fields that are read but have no servekit equivalent.
+_UNSUPPORTED_FIELDS = (
+    "thread_pool_name",
+    "enable_large_batch_splitting",
+    "max_execution_batch_size",
+)
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -37,25 +46,26 @@ class ConfigError(ValueError):
 
 
 class _Padding(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     value: float = 0.0
-    axes: list[int] = Field(default_factory=lambda: [1])
+    axes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
 
 
 class _Batching(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     enabled: bool | None = None
+    execution: Literal["auto", "thread", "inline"] | None = None
     max_batch_size: int | None = Field(None, ge=1)
     max_queue_delay_ms: float | None = Field(None, ge=0)
     max_queue_size: int | None = Field(None, ge=1)
-    allowed_batch_sizes: list[int] | None = None
+    allowed_batch_sizes: list[Annotated[int, Field(ge=1)]] | None = None
     padding: dict[str, _Padding] | None = None
 
 
 class _ModelFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     instances: int | None = Field(None, ge=1)
     intra_op_threads: int | None = Field(None, ge=0)
@@ -74,9 +84,25 @@ def load_model_options(source: ModelSource, defaults: ServableOptions) -> Servab
     try:
         document = yaml.safe_load(path.read_text()) or {}
         parsed = _ModelFile.model_validate(document)
-    except (yaml.YAMLError, ValidationError, OSError) as exc:
-        raise ConfigError(str(exc)) from None
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{MODEL_CONFIG_FILE} is not valid YAML{where}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {MODEL_CONFIG_FILE}: {exc}") from None
     return _merge(parsed, defaults)
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """Turn pydantic's report into one line: `key.path: problem; ...`."""
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{prefix}{location}: {message}" if location else message)
+    return "; ".join(problems)
 
 
 def _merge(parsed: _ModelFile, defaults: ServableOptions) -> ServableOptions:
@@ -97,7 +123,7 @@ def _merge_batching(section: _Batching, defaults: BatchingConfig) -> BatchingCon
     changes: dict[str, Any] = {
         key: value
         for key, value in section.model_dump(exclude_none=True).items()
-        if key in ("enabled", "max_batch_size", "max_queue_size")
+        if key in ("enabled", "execution", "max_batch_size", "max_queue_size")
     }
     if section.max_queue_delay_ms is not None:
         changes["max_queue_delay"] = section.max_queue_delay_ms / 1000
@@ -123,8 +149,15 @@ def read_batching_parameters(path: Path) -> tuple[BatchingConfig, int | None]:
     message = BatchingParameters()
     try:
         text_format.Parse(path.read_text(), message)
-    except (text_format.ParseError, OSError) as exc:
+    except (text_format.ParseError, OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read batching parameters file {path}: {exc}") from None
+    ignored = [name for name in _UNSUPPORTED_FIELDS if message.HasField(name)]
+    if ignored:
+        logger.warning(
+            "batching parameters file %s: ignoring %s, which servekit does not support",
+            path,
+            ", ".join(ignored),
+        )
     defaults = BatchingConfig()
     max_batch_size = _wrapped(message, "max_batch_size", defaults.max_batch_size)
     changes: dict[str, Any] = {"max_batch_size": max_batch_size}
@@ -137,6 +170,10 @@ def read_batching_parameters(path: Path) -> tuple[BatchingConfig, int | None]:
     if message.pad_variable_length_inputs:
         changes["pad_all_inputs"] = True
     instances = message.num_batch_threads.value if message.HasField("num_batch_threads") else None
+    if instances is not None and instances < 1:
+        raise ConfigError(
+            f"invalid batching parameters file {path}: num_batch_threads must be >= 1"
+        )
     try:
         return dataclasses.replace(defaults, **changes), instances
     except ValueError as exc:

@@ -50,7 +50,7 @@ class ServerSettings(BaseSettings):
         30000,
         gt=0,
         description="Time allowed for an inference request, in milliseconds; past it, 504. "
-        "A request may set its own with the X-Request-Timeout-Ms header.",
+        "A request may ask for less with the X-Request-Timeout-Ms header.",
     )
     workers: int = Field(
         1, ge=1, description="Server processes sharing the REST port (SO_REUSEPORT)."

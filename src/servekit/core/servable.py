@@ -86,6 +86,7 @@ class Servable:
         self._signature: Signature | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: Batcher | None = None
+        self._batchable = False
         self._options = options
         self._metrics = metrics
 
@@ -119,13 +120,21 @@ class Servable:
         self._executor = ThreadPoolExecutor(
             max_workers=instances, thread_name_prefix=f"servekit-{self.model_name}-{self.version}"
         )
+        self._batchable = all(spec.shape and spec.shape[0] == -1 for spec in self._signature.inputs)
+        try:
+            batching = self._batching_config(self._signature, runtime.inline_safe)
+        except ValueError as exc:
+            runtime.unload()
+            self._executor.shutdown(wait=False)
+            self.fail(f"invalid batching settings: {exc}")
+            return
         self._batcher = Batcher(
             self.model_name,
             self._signature,
             self._predict,
             self._executor,
             instances,
-            self._batching_config(self._signature),
+            batching,
             self._metrics.batcher,
         )
         self.load_seconds = time.monotonic() - started
@@ -166,17 +175,27 @@ class Servable:
             return 0, 0
         return self._batcher.queued_rows, self._batcher.inflight
 
-    def _batching_config(self, signature: Signature) -> BatchingConfig:
+    def _batching_config(self, signature: Signature, inline_safe: bool) -> BatchingConfig:
+        """Fit the configured batching to the signature, raising ValueError if it cannot."""
         config = self._options.batching
-        batchable = all(spec.shape and spec.shape[0] == -1 for spec in signature.inputs)
-        if config.enabled and not batchable:
-            logger.info(
-                "model %s version %d runs requests one by one: not every input has a "
-                "variable first dimension",
-                self.model_name,
-                self.version,
+        if not inline_safe and config.execution == "auto":
+            # Python models may block (I/O, sleeps), which must never stall the event loop.
+            config = dataclasses.replace(config, execution="thread")
+        _check_padding(config, signature)
+        if not self._batchable:
+            if config.enabled:
+                logger.info(
+                    "model %s version %d runs requests one by one: not every input has a "
+                    "variable first dimension",
+                    self.model_name,
+                    self.version,
+                )
+            # Without a batch dimension there is nothing to merge, pad or fill up.
+            return dataclasses.replace(
+                config, enabled=False, allowed_batch_sizes=(), padding={}, pad_all_inputs=False
             )
-            return dataclasses.replace(config, enabled=False)
+        if not config.enabled:
+            return dataclasses.replace(config, allowed_batch_sizes=(), padding={})
         return config
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
@@ -186,6 +205,8 @@ class Servable:
             raise UnavailableError(self._unavailable_message())
         signature = self.signature
         self._check_inputs(request.inputs, signature)
+        if self._batchable:
+            _check_rows(request.inputs)
         outputs = self._requested_outputs(request.outputs, signature)
         results = await batcher.submit(request.inputs, outputs, request.deadline)
         return InferenceResponse(self.model_name, self.version, results)
@@ -243,3 +264,28 @@ class Servable:
         if self.error_message:
             message += f" ({self.error_message})"
         return message
+
+
+def _check_rows(inputs: dict[str, np.ndarray[Any, Any]]) -> None:
+    """Require every input to have the same first dimension, the rows of the request."""
+    rows = {name: array.shape[0] for name, array in inputs.items()}
+    if len(set(rows.values())) > 1:
+        described = ", ".join(f"{name!r} has {count}" for name, count in rows.items())
+        raise InvalidInputError(
+            f"inputs must have the same number of rows (first dimension): {described}"
+        )
+
+
+def _check_padding(config: BatchingConfig, signature: Signature) -> None:
+    for name, spec in config.padding.items():
+        tensor = signature.input(name)
+        if tensor is None:
+            raise ValueError(f"padding names {name!r}, which is not an input of the model")
+        bad = [axis for axis in spec.axes if not 1 <= axis < len(tensor.shape)]
+        if bad:
+            raise ValueError(
+                f"padding axes {bad} of input {name!r} must be between 1 and "
+                f"{len(tensor.shape) - 1} (axis 0 is the batch)"
+            )
+        if tensor.datatype.is_bytes:
+            raise ValueError(f"padding cannot apply to BYTES input {name!r}")

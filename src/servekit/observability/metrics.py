@@ -138,16 +138,17 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        # Only with several workers; a single process has the standard process_* metrics.
         self.worker_memory = Gauge(
             "servekit_worker_resident_memory_bytes",
             "Resident memory of each worker process, in bytes.",
-            registry=self.registry,
+            registry=None,
             multiprocess_mode="liveall",
         )
         self.worker_cpu = Gauge(
             "servekit_worker_cpu_seconds",
             "CPU time each worker process has used, in seconds.",
-            registry=self.registry,
+            registry=None,
             multiprocess_mode="liveall",
         )
 

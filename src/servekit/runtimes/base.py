@@ -28,6 +28,9 @@ class Runtime(Protocol):
 
     # V2 platform string, such as "onnx_onnxv1".
     platform: str
+    # True when predict only computes (no I/O, no sleeping), so short calls may run on the
+    # event loop thread.
+    inline_safe: bool
 
     def load(self, directory: Path) -> Signature:
         """Load the model files in `directory` and return their signature."""

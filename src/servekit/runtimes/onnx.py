@@ -36,6 +36,7 @@ class OnnxRuntime:
 
     platform = "onnx_onnxv1"
     model_file = "model.onnx"
+    inline_safe = True
 
     def __init__(self, options: RuntimeOptions) -> None:
         self._options = options

@@ -37,6 +37,7 @@ class PythonRuntime:
 
     platform = "python"
     model_file = "model.py"
+    inline_safe = False
 
     def __init__(self, options: RuntimeOptions) -> None:
         self._options = options

@@ -83,8 +83,10 @@ class Request:
         return request
 
     def set_timeout(self, seconds: float) -> None:
-        """Replace the deadline with one `seconds` after the request's arrival."""
-        self.deadline = self.arrival + seconds
+        """Shorten the deadline to `seconds` after arrival; the server's limit is a ceiling."""
+        deadline = self.arrival + seconds
+        if self.deadline is None or deadline < self.deadline:
+            self.deadline = deadline
 
     def timeout_from_header(self) -> None:
         """Apply the X-Request-Timeout-Ms header, if present; raise 400 if it is invalid."""

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -29,6 +30,16 @@ logger = logging.getLogger(__name__)
 _RESTART_DELAY_SECONDS = 1.0
 _POLL_SECONDS = 0.2
 _STOP_TIMEOUT_SECONDS = 60.0
+# Workers that exit this soon after starting, this many times in a row, are not restarted.
+_QUICK_EXIT_SECONDS = 5.0
+_MAX_QUICK_EXITS = 5
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A worker whose supervisor died (kill -9) stops too, instead of serving on unsupervised.
+    while os.getppid() == parent:
+        time.sleep(_POLL_SECONDS * 5)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker_main(
@@ -39,9 +50,14 @@ def _worker_main(
     from servekit.server.runner import bind, run_worker
 
     configure_logging(*log_settings)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     parsed = ServerSettings.model_validate(settings)
     logger.info("worker %d started (pid %d)", index, os.getpid())
     run_worker(parsed, bind(parsed.rest_api_host, port, reuse_port=True))
+
+
+class WorkersFailedError(Exception):
+    """The workers kept exiting right after they started."""
 
 
 class Supervisor:
@@ -53,14 +69,21 @@ class Supervisor:
         self._workers: dict[int, BaseProcess] = {}
         self._started: dict[int, float] = {}
         self._stopping = False
+        self._failed = False
+        self._quick_exits = 0
 
     def run(self) -> None:
         """Run the workers until SIGTERM or SIGINT, then stop them and return."""
-        from servekit.server.runner import bind
+        from servekit.server.runner import bind, default_options
 
         settings = self._settings
-        placeholder = bind(settings.rest_api_host, settings.rest_api_port, reuse_port=True)
-        port = placeholder.getsockname()[1]
+        # Invalid settings files stop here with one error, not in every worker over and over.
+        default_options(settings)
+        # SO_REUSEPORT would let this bind share a port that another server already uses,
+        # so a plain bind first proves the port free (and picks one for port 0).
+        with bind(settings.rest_api_host, settings.rest_api_port) as probe:
+            port = probe.getsockname()[1]
+        placeholder = bind(settings.rest_api_host, port, reuse_port=True)
         metrics_directory = tempfile.mkdtemp(prefix="servekit-metrics-")
         # Set before any worker starts, because prometheus_client reads it at import time.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory
@@ -79,6 +102,8 @@ class Supervisor:
             placeholder.close()
             shutil.rmtree(metrics_directory, ignore_errors=True)
             logger.info("all workers stopped")
+        if self._failed:
+            raise WorkersFailedError("the workers could not start; the log above says why")
 
     def _on_signal(self, sig: int, frame: object) -> None:
         if not self._stopping:
@@ -108,6 +133,16 @@ class Supervisor:
     def _restart(self, index: int, process: BaseProcess, port: int) -> None:
         from prometheus_client import multiprocess
 
+        quick = time.monotonic() - self._started[index] < _QUICK_EXIT_SECONDS
+        self._quick_exits = self._quick_exits + 1 if quick else 0
+        if self._quick_exits >= _MAX_QUICK_EXITS:
+            logger.error(
+                "workers keep exiting right after they start (%d times in a row); stopping",
+                self._quick_exits,
+            )
+            self._failed = True
+            self._stopping = True
+            return
         logger.warning(
             "worker %d (pid %s) exited with code %s; starting it again",
             index,
