@@ -2,6 +2,8 @@
 
 An example, with every key optional::
 
+    version_policy: {latest: 1}  # or {all: {}} or {specific: [1, 2]}
+    labels: {stable: 1, canary: 2}
     instances: 2                 # concurrent executions (threads) of each version
     intra_op_threads: 1          # runtime threads inside one operator
     batching:
@@ -24,12 +26,13 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from google.protobuf import text_format
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from servekit.batching.config import BatchingConfig, PadSpec
 from servekit.config.protos.batching_parameters_pb2 import BatchingParameters
-from servekit.core.options import ServableOptions
+from servekit.core.options import ModelOptions, ServableOptions
 from servekit.repository.layout import ModelSource
+from servekit.repository.policy import VersionPolicy
 
 MODEL_CONFIG_FILE = "servekit.yaml"
 # BatchingParameters fields that are read but have no servekit equivalent.
@@ -64,23 +67,49 @@ class _Batching(BaseModel):
     padding: dict[str, _Padding] | None = None
 
 
+class _Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    latest: int | None = Field(None, ge=1)
+    all: dict[str, Any] | None = None
+    specific: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> _Policy:
+        chosen = [name for name in ("latest", "all", "specific") if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of latest, all or specific")
+        return self
+
+    def to_policy(self) -> VersionPolicy:
+        if self.latest is not None:
+            return VersionPolicy("latest", count=self.latest)
+        if self.all is not None:
+            return VersionPolicy("all")
+        return VersionPolicy("specific", versions=tuple(self.specific or ()))
+
+
 class _ModelFile(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    version_policy: _Policy | None = None
+    labels: dict[Annotated[str, Field(pattern=r"^[a-zA-Z0-9_]+$")], Annotated[int, Field(ge=0)]] = (
+        Field(default_factory=dict)
+    )
     instances: int | None = Field(None, ge=1)
     intra_op_threads: int | None = Field(None, ge=0)
     inter_op_threads: int | None = Field(None, ge=0)
     batching: _Batching | None = None
 
 
-def load_model_options(source: ModelSource, defaults: ServableOptions) -> ServableOptions:
+def load_model_options(source: ModelSource, defaults: ServableOptions) -> ModelOptions:
     """Read `servekit.yaml` from the model's base path, if present, over `defaults`.
 
     Raises ConfigError with a readable reason when the file is invalid.
     """
     path = source.base_path / MODEL_CONFIG_FILE
     if not path.is_file():
-        return defaults
+        return ModelOptions(defaults)
     try:
         document = yaml.safe_load(path.read_text()) or {}
         parsed = _ModelFile.model_validate(document)
@@ -92,7 +121,8 @@ def load_model_options(source: ModelSource, defaults: ServableOptions) -> Servab
         raise ConfigError(f"{MODEL_CONFIG_FILE} is not valid YAML{where}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {MODEL_CONFIG_FILE}: {exc}") from None
-    return _merge(parsed, defaults)
+    policy = parsed.version_policy.to_policy() if parsed.version_policy else VersionPolicy()
+    return ModelOptions(_merge(parsed, defaults), policy, dict(parsed.labels))
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:

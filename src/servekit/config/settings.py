@@ -46,6 +46,18 @@ class ServerSettings(BaseSettings):
     tensorflow_inter_op_parallelism: int = Field(
         0, ge=0, description="Operators a runtime runs at once; 0 lets it choose."
     )
+    file_system_poll_wait_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds between scans of the model base paths for new or removed "
+        "versions; 0 scans once at start.",
+    )
+    max_num_load_retries: int = Field(
+        5, ge=0, description="Times a version that failed to load is tried again."
+    )
+    load_retry_interval_micros: int = Field(
+        60_000_000, ge=0, description="Time between load retries, in microseconds."
+    )
     rest_api_timeout_in_ms: int = Field(
         30000,
         gt=0,

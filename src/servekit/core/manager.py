@@ -1,54 +1,88 @@
-"""The ModelManager: owns every servable and resolves requests to one of them."""
+"""The ModelManager: owns every servable, follows the repository, and resolves requests.
+
+`poll` runs off the event loop (in a thread) and is the only writer of a model's servables
+and labels. It replaces those mappings whole instead of changing them in place, so request
+handlers on the loop always read a consistent mapping without a lock.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 from servekit.batching.batcher import BatcherMetrics
-from servekit.core.errors import NotFoundError, shorten
-from servekit.core.options import ServableOptions
+from servekit.core.errors import InvalidInputError, NotFoundError, UnavailableError, shorten
+from servekit.core.options import ModelOptions, ServableOptions
 from servekit.core.servable import Servable, ServableMetrics, State, VersionStatus
 from servekit.observability.metrics import Metrics
-from servekit.repository.layout import ModelSource, list_versions
+from servekit.repository.layout import Fingerprint, ModelSource, fingerprint, list_versions
 
 logger = logging.getLogger(__name__)
 
+# Versions that ended (unloaded or failed) stay listed in the status for this many versions.
+_ENDED_KEPT = 10
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often a version that failed to load is tried again, and how long to wait between."""
+
+    max_retries: int = 5
+    interval_seconds: float = 60.0
+
+
+@dataclass(slots=True)
+class _Attempts:
+    fingerprint: Fingerprint
+    count: int
+    last: float
+
 
 class Model:
-    """A named model and its servables, keyed by version number."""
+    """A named model, its servables by version and its active labels."""
 
     def __init__(self, source: ModelSource) -> None:
         self.source = source
         self.name = source.name
         self.base_path = source.base_path
+        # Replaced whole by the poll thread, never changed in place (see the module doc).
         self.servables: dict[int, Servable] = {}
-
-    def latest(self) -> Servable | None:
-        """Return the highest-numbered servable, whatever its state."""
-        if not self.servables:
-            return None
-        return self.servables[max(self.servables)]
+        self.labels: dict[str, int] = {}
+        self.fingerprints: dict[int, Fingerprint] = {}
+        self.attempts: dict[int, _Attempts] = {}
+        self.unreadable = False
 
     def available_versions(self) -> list[int]:
         return sorted(v for v, s in self.servables.items() if s.state is State.AVAILABLE)
 
+    def latest_available(self) -> Servable | None:
+        versions = self.available_versions()
+        return self.servables[versions[-1]] if versions else None
+
+    def newest(self) -> Servable | None:
+        return self.servables[max(self.servables)] if self.servables else None
+
+    def put(self, servable: Servable) -> None:
+        self.servables = {**self.servables, servable.version: servable}
+
 
 class ModelManager:
-    """Loads the versions each source calls for and finds the servable for each request.
-
-    The default version policy serves only the highest-numbered version of each model.
-    """
+    """Loads the versions each model's policy calls for and finds the servable for a request."""
 
     def __init__(
         self,
         sources: Iterable[ModelSource],
-        options: Callable[[ModelSource], ServableOptions],
+        options: Callable[[ModelSource], ModelOptions],
         metrics: Metrics,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._models = {source.name: Model(source) for source in sources}
         self._options = options
         self._metrics = metrics
+        self._retry = retry or RetryPolicy()
 
     @property
     def model_names(self) -> list[str]:
@@ -58,9 +92,20 @@ class ModelManager:
         return name in self._models
 
     def load_all(self) -> None:
-        """Load the serving version of every model; blocks until each has loaded or failed."""
+        """Load what every model serves at start; blocks until each has loaded or failed.
+
+        The first scan is trusted as complete; later scans load a version only once its files
+        are unchanged across two scans.
+        """
+        self.poll(initial=True)
+
+    def poll(self, initial: bool = False) -> None:
+        """Scan every base path once and load, swap or unload versions to match."""
         for model in self._models.values():
-            self._load_latest(model)
+            try:
+                self._sync(model, initial)
+            except Exception:
+                logger.exception("failed to update model %s from %s", model.name, model.base_path)
 
     def unload_all(self) -> None:
         for model in self._models.values():
@@ -69,18 +114,43 @@ class ModelManager:
                 self._record_state(servable)
 
     def resolve(self, name: str, version: int | None) -> Servable:
-        """Find the servable for a request; raise NotFoundError with TF Serving's wording."""
+        """Find the servable for a request; raise with TF Serving's wording if there is none."""
         model = self._models.get(name)
-        if version is None:
-            servable = model.latest() if model else None
-            if servable is None:
+        if model is None:
+            if version is None:
                 raise NotFoundError(f"Servable not found for request: Latest({shorten(name)})")
-            return servable
-        servable = model.servables.get(version) if model else None
-        if servable is None:
             raise NotFoundError(
                 f"Servable not found for request: Specific({shorten(name)}, {version})"
             )
+        if version is None:
+            servable = model.latest_available() or model.newest()
+            if servable is None:
+                raise NotFoundError(f"Servable not found for request: Latest({shorten(name)})")
+            return servable
+        servable = model.servables.get(version)
+        if servable is None or (servable.state is State.END and not servable.error_message):
+            raise NotFoundError(
+                f"Servable not found for request: Specific({shorten(name)}, {version})"
+            )
+        return servable
+
+    def lookup(self, name: str, version: int | None, label: str | None) -> Servable:
+        """Resolve a request that names a version, a label, or neither (the latest)."""
+        if label is not None:
+            return self.resolve_label(name, label)
+        return self.resolve(name, version)
+
+    def resolve_label(self, name: str, label: str) -> Servable:
+        """Find the servable a label points at; an unknown or inactive label is a 400."""
+        model = self._models.get(name)
+        if model is None:
+            raise NotFoundError(f"Servable not found for request: Latest({shorten(name)})")
+        version = model.labels.get(label)
+        if version is None:
+            raise InvalidInputError(f"Unrecognized servable version label: {shorten(label)}")
+        servable = model.servables.get(version)
+        if servable is None:
+            raise UnavailableError(f"label {label} points at version {version}, which is gone")
         return servable
 
     def status(self, name: str, version: int | None) -> list[VersionStatus]:
@@ -104,42 +174,157 @@ class ModelManager:
         if not self._models:
             return False, "no models are configured"
         for model in self._models.values():
-            servable = model.latest()
+            if model.latest_available() is not None:
+                continue
+            servable = model.newest()
             if servable is None:
                 return False, f"model {model.name} has no versions"
-            if servable.state is not State.AVAILABLE:
-                return (
-                    False,
-                    f"model {model.name} version {servable.version} is {servable.state.name}",
-                )
+            return False, f"model {model.name} version {servable.version} is {servable.state.name}"
         return True, ""
 
-    def _load_latest(self, model: Model) -> None:
-        try:
-            versions = list_versions(model.base_path)
-        except OSError as exc:
-            logger.error("cannot list versions of model %s: %s", model.name, exc)
-            return
-        if not versions:
-            logger.warning("model %s has no version directories in %s", model.name, model.base_path)
-            return
-        version = max(versions)
-        metrics = self._servable_metrics(model.name, version)
+    def _sync(self, model: Model, initial: bool) -> None:
         try:
             options = self._options(model.source)
         except ValueError as exc:
-            servable = Servable(model.name, version, versions[version], ServableOptions(), metrics)
-            servable.fail(f"invalid servekit.yaml: {exc}")
-            model.servables[version] = servable
-            self._record_state(servable)
+            self._fail_newest(model, f"invalid servekit.yaml: {exc}", initial)
             return
-        servable = Servable(model.name, version, versions[version], options, metrics)
-        model.servables[version] = servable
+        versions = self._scan(model)
+        if versions is None:
+            return
+        prints = {version: fingerprint(path) for version, path in versions.items()}
+        settled = {v for v, p in prints.items() if initial or model.fingerprints.get(v) == p}
+        model.fingerprints = prints
+        wanted = options.policy.select(versions)
+        # New versions load first, and only then do removed or unwanted ones go, so the model
+        # keeps an available version throughout (a removed version serves from memory).
+        for version in sorted(wanted, reverse=True):
+            if version in settled:
+                self._ensure_loaded(model, version, versions[version], prints[version], options)
+        self._unload_gone(model, versions)
+        self._retire_unwanted(model, wanted, options)
+        self._apply_labels(model, options.labels)
+        self._forget_ended(model)
+
+    def _scan(self, model: Model) -> dict[int, Path] | None:
+        try:
+            versions = list_versions(model.base_path)
+        except OSError as exc:
+            # Storage that is briefly gone or unreadable must not take a serving model down.
+            if not model.unreadable:
+                logger.warning(
+                    "cannot read model %s at %s (%s); the loaded versions keep serving",
+                    model.name,
+                    model.base_path,
+                    exc.strerror or exc,
+                )
+            model.unreadable = True
+            return None
+        if model.unreadable:
+            logger.info("model %s at %s is readable again", model.name, model.base_path)
+            model.unreadable = False
+        if not versions and not model.servables:
+            logger.warning("model %s has no version directories in %s", model.name, model.base_path)
+        return versions
+
+    def _ensure_loaded(
+        self,
+        model: Model,
+        version: int,
+        directory: Path,
+        prints: Fingerprint,
+        options: ModelOptions,
+    ) -> None:
+        current = model.servables.get(version)
+        if current is not None and current.state in (State.AVAILABLE, State.LOADING):
+            return
+        if (
+            current is not None
+            and current.error_message
+            and not self._may_retry(model, version, prints)
+        ):
+            return
+        servable = Servable(
+            model.name, version, directory, options.servable, self._servable_metrics(model, version)
+        )
+        model.put(servable)
         self._record_state(servable)
         servable.load()
         self._record_state(servable)
         if servable.state is State.AVAILABLE:
+            model.attempts.pop(version, None)
             self._metrics.load_duration.labels(model.name, str(version)).set(servable.load_seconds)
+            return
+        self._metrics.load_failures.labels(model.name).inc()
+        previous = model.attempts.get(version)
+        count = previous.count + 1 if previous and previous.fingerprint == prints else 1
+        model.attempts[version] = _Attempts(prints, count, time.monotonic())
+
+    def _may_retry(self, model: Model, version: int, prints: Fingerprint) -> bool:
+        attempts = model.attempts.get(version)
+        if attempts is None or attempts.fingerprint != prints:
+            return True  # the files changed, so this is a new attempt
+        if attempts.count > self._retry.max_retries:
+            return False
+        return time.monotonic() - attempts.last >= self._retry.interval_seconds
+
+    def _unload_gone(self, model: Model, versions: dict[int, Path]) -> None:
+        for version, servable in model.servables.items():
+            if version not in versions and servable.state is State.AVAILABLE:
+                logger.info("version %d of model %s was removed from disk", version, model.name)
+                self._unload(servable)
+
+    def _retire_unwanted(self, model: Model, wanted: set[int], options: ModelOptions) -> None:
+        available = model.available_versions()
+        serving = [v for v in available if v in wanted]
+        # Under `latest: N`, older versions keep serving until N wanted versions are available,
+        # so a broken new version never leaves the model without one.
+        keep = options.policy.count - len(serving) if options.policy.kind == "latest" else 0
+        for version in sorted((v for v in available if v not in wanted), reverse=True):
+            if keep > 0:
+                keep -= 1
+                continue
+            self._unload(model.servables[version])
+
+    def _unload(self, servable: Servable) -> None:
+        servable.drain_and_unload()
+        self._record_state(servable)
+
+    def _apply_labels(self, model: Model, labels: dict[str, int]) -> None:
+        # A label takes effect only once its version is available, as in TF Serving.
+        available = set(model.available_versions())
+        active = {label: version for label, version in labels.items() if version in available}
+        for label in labels.keys() - active.keys():
+            logger.debug(
+                "label %s of model %s waits for version %d", label, model.name, labels[label]
+            )
+        model.labels = active
+
+    def _forget_ended(self, model: Model) -> None:
+        ended = sorted(
+            v for v, s in model.servables.items() if s.state is State.END and not s.error_message
+        )
+        if len(ended) > _ENDED_KEPT:
+            drop = set(ended[: len(ended) - _ENDED_KEPT])
+            model.servables = {v: s for v, s in model.servables.items() if v not in drop}
+
+    def _fail_newest(self, model: Model, message: str, initial: bool) -> None:
+        if not initial:
+            logger.error("model %s: %s; the loaded versions keep serving", model.name, message)
+            return
+        versions = self._scan(model)
+        if not versions:
+            return
+        version = max(versions)
+        servable = Servable(
+            model.name,
+            version,
+            versions[version],
+            ServableOptions(),
+            self._servable_metrics(model, version),
+        )
+        servable.fail(message)
+        model.put(servable)
+        self._record_state(servable)
 
     def record_load(self) -> None:
         """Copy each servable's queue depth and in-flight count into their gauges.
@@ -154,8 +339,8 @@ class ModelManager:
                 self._metrics.queue_rows.labels(*labels).set(queued)
                 self._metrics.inflight.labels(*labels).set(inflight)
 
-    def _servable_metrics(self, name: str, version: int) -> ServableMetrics:
-        labels = (name, str(version))
+    def _servable_metrics(self, model: Model, version: int) -> ServableMetrics:
+        labels = (model.name, str(version))
         metrics = self._metrics
         batcher = BatcherMetrics(
             queue_seconds=metrics.queue_duration.labels(*labels),

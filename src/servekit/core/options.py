@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from servekit.batching.config import BatchingConfig
+from servekit.repository.policy import VersionPolicy
 from servekit.runtimes.base import RuntimeOptions
 
 
@@ -16,3 +17,13 @@ class ServableOptions:
     instances: int = 1
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelOptions:
+    """A model's settings: which versions it serves, its labels and how each version runs."""
+
+    servable: ServableOptions = field(default_factory=ServableOptions)
+    policy: VersionPolicy = field(default_factory=VersionPolicy)
+    # Label name -> version, such as {"stable": 1, "canary": 2}.
+    labels: dict[str, int] = field(default_factory=dict)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,9 @@ from servekit.core.types import InferenceRequest, InferenceResponse, Signature
 from servekit.runtimes.base import Runtime, RuntimeNotFoundError, runtime_for
 
 logger = logging.getLogger(__name__)
+# How long a retired version waits for its routed requests, and how often it checks.
+_DRAIN_SECONDS = 30.0
+_DRAIN_POLL_SECONDS = 0.01
 
 
 class Observer(Protocol):
@@ -87,6 +92,8 @@ class Servable:
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: Batcher | None = None
         self._batchable = False
+        # Requests routed to this version and not yet answered (changed on the event loop).
+        self._leases = 0
         self._options = options
         self._metrics = metrics
 
@@ -156,9 +163,40 @@ class Servable:
             message,
         )
 
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[None]:
+        """Mark a request as routed to this version until it is answered.
+
+        A version being retired waits for its leases, so a request resolved to it just before
+        the swap still finishes on it.
+        """
+        self._leases += 1
+        try:
+            yield
+        finally:
+            self._leases -= 1
+
+    def drain_and_unload(self, timeout: float = _DRAIN_SECONDS) -> None:
+        """Stop routing new requests here, wait for routed ones, then unload."""
+        if self.state is not State.AVAILABLE:
+            return
+        self.state = State.UNLOADING
+        deadline = time.monotonic() + timeout
+        while self._leases > 0 and time.monotonic() < deadline:
+            time.sleep(_DRAIN_POLL_SECONDS)
+        if self._leases > 0:
+            logger.warning(
+                "model %s version %d still had %d requests after %.0f s; unloading anyway",
+                self.model_name,
+                self.version,
+                self._leases,
+                timeout,
+            )
+        self.unload()
+
     def unload(self) -> None:
         """Stop taking work, wait for running calls, and release the runtime."""
-        if self.state is not State.AVAILABLE:
+        if self.state not in (State.AVAILABLE, State.UNLOADING):
             return
         self.state = State.UNLOADING
         if self._executor is not None:
@@ -201,7 +239,8 @@ class Servable:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Validate a request against the signature and run it on this version."""
         batcher = self._batcher
-        if self.state is not State.AVAILABLE or batcher is None:
+        # UNLOADING still serves the requests that were routed here before the swap.
+        if self.state not in (State.AVAILABLE, State.UNLOADING) or batcher is None:
             raise UnavailableError(self._unavailable_message())
         signature = self.signature
         self._check_inputs(request.inputs, signature)

@@ -131,6 +131,12 @@ class Metrics:
             ["model", "version", "reason"],
             registry=self.registry,
         )
+        self.load_failures = Counter(
+            "servekit_model_load_failures",
+            "Failed attempts to load a version, by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.load_duration = Gauge(
             "servekit_model_load_duration_seconds",
             "Time the last successful load of each version took, in seconds.",

@@ -87,3 +87,17 @@ def _report_once(entry: Path, level: int, message: str, *args: object) -> None:
         return
     _reported.add(key)
     logger.log(level, message, *args)
+
+
+# A version directory's contents: (relative path, size, modification time in ns) per file.
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(directory: Path) -> Fingerprint:
+    """Describe every file under `directory`, so a later scan can tell whether it changed."""
+    entries = []
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            entries.append((str(path.relative_to(directory)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)

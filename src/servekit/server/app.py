@@ -38,12 +38,16 @@ class ServekitApp:
         metrics: Metrics,
         max_request_body_bytes: int,
         request_timeout: float,
+        poll_seconds: float = 0.0,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
         self.max_request_body_bytes = max_request_body_bytes
-        # Seconds an inference request may take unless it asks for its own limit.
+        # Seconds an inference request may take unless it asks for a shorter limit.
         self.request_timeout = request_timeout
+        # Seconds between repository scans; 0 scans only at start.
+        self.poll_seconds = poll_seconds
+        self._poller: asyncio.Task[None] | None = None
         # Set by the runner once the socket is bound, for the startup log line.
         self.address = ""
         self._sampler: asyncio.Task[None] | None = None
@@ -65,8 +69,9 @@ class ServekitApp:
                 await self._startup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._sampler is not None:
-                    self._sampler.cancel()
+                for task in (self._sampler, self._poller):
+                    if task is not None:
+                        task.cancel()
                 await asyncio.get_running_loop().run_in_executor(None, self.manager.unload_all)
                 logger.info("servekit stopped")
                 await send({"type": "lifespan.shutdown.complete"})
@@ -75,9 +80,19 @@ class ServekitApp:
     async def _startup(self) -> None:
         # Loading blocks on file reads and runtime set-up, so it runs off the event loop.
         await asyncio.get_running_loop().run_in_executor(None, self.manager.load_all)
+        loop = asyncio.get_running_loop()
         if self.metrics.multiprocess:
-            self._sampler = asyncio.get_running_loop().create_task(self._sample_process())
+            self._sampler = loop.create_task(self._sample_process())
+        if self.poll_seconds > 0:
+            self._poller = loop.create_task(self._poll_repository())
         logger.info("serving REST API on %s", self.address or "an ASGI server")
+
+    async def _poll_repository(self) -> None:
+        # Scans and loads block on the file system and runtimes, so they run off the loop.
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            await loop.run_in_executor(None, self.manager.poll)
 
     async def _sample_process(self) -> None:
         # Workers publish their own memory and CPU time, since no collector sees the others.

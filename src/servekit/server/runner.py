@@ -19,7 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from servekit.batching.config import BatchingConfig
 from servekit.config.model_config import load_model_options, read_batching_parameters
 from servekit.config.settings import ServerSettings
-from servekit.core.manager import ModelManager
+from servekit.core.manager import ModelManager, RetryPolicy
 from servekit.core.options import ServableOptions
 from servekit.examples import EXAMPLE_REPOSITORY
 from servekit.observability.metrics import Metrics
@@ -68,16 +68,22 @@ def default_options(settings: ServerSettings) -> ServableOptions:
 def build_app(settings: ServerSettings) -> ServekitApp:
     defaults = default_options(settings)
     metrics = Metrics()
+    retry = RetryPolicy(
+        max_retries=settings.max_num_load_retries,
+        interval_seconds=settings.load_retry_interval_micros / 1_000_000,
+    )
     manager = ModelManager(
         model_sources(settings),
         functools.partial(load_model_options, defaults=defaults),
         metrics,
+        retry,
     )
     return ServekitApp(
         manager,
         metrics,
         settings.max_request_body_bytes,
         settings.rest_api_timeout_in_ms / 1000,
+        settings.file_system_poll_wait_seconds,
     )
 
 

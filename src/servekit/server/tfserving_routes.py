@@ -14,6 +14,7 @@ from urllib.parse import unquote
 
 from servekit.core.errors import InvalidInputError, UnimplementedError, shorten
 from servekit.core.manager import ModelManager
+from servekit.core.servable import Servable
 from servekit.observability.metrics import UNKNOWN_MODEL
 from servekit.protocols import tfserving
 from servekit.protocols.jsoncodec import parse_json
@@ -42,16 +43,16 @@ class TFServingRoutes:
             raise self._malformed(request)
         name = unquote(match["name"])
         version = int(match["version"]) if match["version"] is not None else None
-        if match["label"] is not None:
-            raise InvalidInputError(
-                f"Unrecognized servable version label: {shorten(unquote(match['label']))}"
-            )
+        label = unquote(match["label"]) if match["label"] is not None else None
         verb = match["verb"].lower() if match["verb"] is not None else None
         if verb is None:
             if request.method != "GET":
                 raise self._malformed(request)
             if match["metadata"] is not None:
-                return self._metadata(name, version)
+                return self._metadata(name, version, label)
+            if label is not None:
+                # The status of a label is the status of the one version it points at.
+                version = self._manager.resolve_label(name, label).version
             return json_response(tfserving.encode_status(self._manager.status(name, version)))
         if request.method != "POST" or verb not in ("predict", "classify", "regress"):
             raise self._malformed(request)
@@ -59,15 +60,21 @@ class TFServingRoutes:
             raise UnimplementedError(
                 f"the {verb} API is not supported by this server; use :predict"
             )
-        return await self._predict(request, name, version)
+        return await self._predict(request, name, version, label)
 
-    async def _predict(self, request: Request, name: str, version: int | None) -> Response:
+    async def _predict(
+        self, request: Request, name: str, version: int | None, label: str | None
+    ) -> Response:
         request.protocol = PROTOCOL
         request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
         # The model is resolved before the body is read, so an unknown model is a 404 whatever
         # the body holds, and every later error is counted under the version.
-        servable = self._manager.resolve(name, version)
+        servable = self._manager.lookup(name, version, label)
         request.metric_version = str(servable.version)
+        with servable.lease():
+            return await self._run(request, servable)
+
+    async def _run(self, request: Request, servable: Servable) -> Response:
         request.timeout_from_header()
         body = tfserving.parse_predict_body(parse_json(await request.body()))
         request.watch_disconnect()
@@ -77,8 +84,8 @@ class TFServingRoutes:
         response = await servable.infer(inference_request)
         return json_response(tfserving.encode_predict(response, row_format))
 
-    def _metadata(self, name: str, version: int | None) -> Response:
-        servable = self._manager.resolve(name, version)
+    def _metadata(self, name: str, version: int | None, label: str | None) -> Response:
+        servable = self._manager.lookup(name, version, label)
         document = tfserving.encode_metadata(name, servable.version, servable.signature)
         return json_response(document)
 

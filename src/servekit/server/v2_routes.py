@@ -11,13 +11,14 @@ from urllib.parse import unquote
 
 from servekit.core.errors import InvalidInputError, NotFoundError, shorten
 from servekit.core.manager import ModelManager
-from servekit.core.servable import State
+from servekit.core.servable import Servable, State
 from servekit.observability.metrics import UNKNOWN_MODEL
 from servekit.protocols import v2
 from servekit.server.http import Request, Response, json_response, require_method
 
 PROTOCOL = "v2"
 _DIGITS = re.compile("[0-9]+")
+_LABEL = re.compile("[a-zA-Z0-9_]+")
 _MODEL_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?"
 )
@@ -42,15 +43,15 @@ class V2Routes:
         if match is None:
             raise NotFoundError(f"unknown path {shorten(path)}")
         name = unquote(match["name"])
-        version = _version(match["version"])
+        version, label = _target(match["version"])
         action = match["action"]
         if action == "/infer":
             require_method(request, "POST")
-            return await self._infer(request, name, version)
+            return await self._infer(request, name, version, label)
         require_method(request, "GET")
         if action == "/ready":
-            return self._model_ready(name, version)
-        return self._model_metadata(name, version)
+            return self._model_ready(name, version, label)
+        return self._model_metadata(name, version, label)
 
     def _server_ready(self) -> Response:
         ready, reason = self._manager.ready()
@@ -58,15 +59,15 @@ class V2Routes:
             return json_response({"ready": True})
         return json_response({"ready": False, "error": reason}, status=503)
 
-    def _model_ready(self, name: str, version: int | None) -> Response:
-        servable = self._manager.resolve(name, version)
+    def _model_ready(self, name: str, version: int | None, label: str | None) -> Response:
+        servable = self._manager.lookup(name, version, label)
         if servable.state is State.AVAILABLE:
             return json_response({"name": name, "ready": True})
         reason = f"model {name} version {servable.version} is {servable.state.name}"
         return json_response({"name": name, "ready": False, "error": reason}, status=503)
 
-    def _model_metadata(self, name: str, version: int | None) -> Response:
-        servable = self._manager.resolve(name, version)
+    def _model_metadata(self, name: str, version: int | None, label: str | None) -> Response:
+        servable = self._manager.lookup(name, version, label)
         document = v2.encode_model_metadata(
             name,
             self._manager.available_versions(name),
@@ -75,11 +76,17 @@ class V2Routes:
         )
         return json_response(document)
 
-    async def _infer(self, request: Request, name: str, version: int | None) -> Response:
+    async def _infer(
+        self, request: Request, name: str, version: int | None, label: str | None
+    ) -> Response:
         request.protocol = PROTOCOL
         request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
-        servable = self._manager.resolve(name, version)
+        servable = self._manager.lookup(name, version, label)
         request.metric_version = str(servable.version)
+        with servable.lease():
+            return await self._run(request, servable)
+
+    async def _run(self, request: Request, servable: Servable) -> Response:
         request.timeout_from_header()
         body = await request.body()
         request.watch_disconnect()
@@ -96,12 +103,16 @@ class V2Routes:
         return Response(200, payload, "application/octet-stream", headers)
 
 
-def _version(text: str | None) -> int | None:
+def _target(text: str | None) -> tuple[int | None, str | None]:
+    """Read a V2 version string: a version number, or a label such as `stable`."""
     if text is None:
-        return None
+        return None, None
     text = unquote(text)
-    if not _DIGITS.fullmatch(text):
-        raise InvalidInputError(
-            f"invalid version {shorten(text)!r}: a version is a non-negative integer"
-        )
-    return int(text)
+    if _DIGITS.fullmatch(text):
+        return int(text), None
+    if _LABEL.fullmatch(text):
+        return None, text
+    raise InvalidInputError(
+        f"invalid version {shorten(text)!r}: a version is a non-negative integer or a label "
+        "of letters, digits and underscores"
+    )
