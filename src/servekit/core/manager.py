@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Versions that ended (unloaded or failed) stay listed in the status for this many versions.
 _ENDED_KEPT = 10
+# Load passes per scan: a failed version lets the next older one load in the same scan.
+_MAX_PASSES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,16 +196,40 @@ class ModelManager:
         prints = {version: fingerprint(path) for version, path in versions.items()}
         settled = {v for v, p in prints.items() if initial or model.fingerprints.get(v) == p}
         model.fingerprints = prints
-        wanted = options.policy.select(versions)
         # New versions load first, and only then do removed or unwanted ones go, so the model
-        # keeps an available version throughout (a removed version serves from memory).
-        for version in sorted(wanted, reverse=True):
-            if version in settled:
+        # keeps an available version throughout (a removed version serves from memory). A
+        # version that fails to load makes room for the next older one, so the pass repeats.
+        for _ in range(_MAX_PASSES):
+            wanted = self._wanted(model, versions, options)
+            loaded = [
                 self._ensure_loaded(model, version, versions[version], prints[version], options)
+                for version in sorted(wanted & settled, reverse=True)
+            ]
+            if not any(result is State.END for result in loaded):
+                break
         self._unload_gone(model, versions)
         self._retire_unwanted(model, wanted, options)
         self._apply_labels(model, options.labels)
         self._forget_ended(model)
+
+    def _wanted(self, model: Model, versions: dict[int, Path], options: ModelOptions) -> set[int]:
+        """Apply the policy; under `latest: N`, versions that failed to load do not count."""
+        policy = options.policy
+        if policy.kind != "latest":
+            return policy.select(versions)
+        failed = {
+            version
+            for version, servable in model.servables.items()
+            if servable.state is State.END and servable.error_message
+        }
+        wanted: set[int] = set()
+        healthy = 0
+        for version in sorted(versions, reverse=True):
+            if healthy >= policy.count:
+                break
+            wanted.add(version)
+            healthy += version not in failed
+        return wanted
 
     def _scan(self, model: Model) -> dict[int, Path] | None:
         try:
@@ -233,16 +259,17 @@ class ModelManager:
         directory: Path,
         prints: Fingerprint,
         options: ModelOptions,
-    ) -> None:
+    ) -> State | None:
+        """Load one version unless it is loaded or may not be retried yet; return its state."""
         current = model.servables.get(version)
         if current is not None and current.state in (State.AVAILABLE, State.LOADING):
-            return
+            return None
         if (
             current is not None
             and current.error_message
             and not self._may_retry(model, version, prints)
         ):
-            return
+            return None
         servable = Servable(
             model.name, version, directory, options.servable, self._servable_metrics(model, version)
         )
@@ -253,11 +280,12 @@ class ModelManager:
         if servable.state is State.AVAILABLE:
             model.attempts.pop(version, None)
             self._metrics.load_duration.labels(model.name, str(version)).set(servable.load_seconds)
-            return
+            return servable.state
         self._metrics.load_failures.labels(model.name).inc()
         previous = model.attempts.get(version)
         count = previous.count + 1 if previous and previous.fingerprint == prints else 1
         model.attempts[version] = _Attempts(prints, count, time.monotonic())
+        return servable.state
 
     def _may_retry(self, model: Model, version: int, prints: Fingerprint) -> bool:
         attempts = model.attempts.get(version)
