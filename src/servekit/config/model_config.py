@@ -109,7 +109,7 @@ def load_model_options(source: ModelSource, defaults: ServableOptions) -> ModelO
     """
     path = source.base_path / MODEL_CONFIG_FILE
     if not path.is_file():
-        return ModelOptions(defaults)
+        return _from_source(ModelOptions(defaults), source)
     try:
         document = yaml.safe_load(path.read_text()) or {}
         parsed = _ModelFile.model_validate(document)
@@ -122,7 +122,17 @@ def load_model_options(source: ModelSource, defaults: ServableOptions) -> ModelO
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {MODEL_CONFIG_FILE}: {exc}") from None
     policy = parsed.version_policy.to_policy() if parsed.version_policy else VersionPolicy()
-    return ModelOptions(_merge(parsed, defaults), policy, dict(parsed.labels))
+    options = ModelOptions(_merge(parsed, defaults), policy, dict(parsed.labels))
+    return _from_source(options, source)
+
+
+def _from_source(options: ModelOptions, source: ModelSource) -> ModelOptions:
+    # A model config file's policy and labels win over the model's own servekit.yaml.
+    if source.policy is not None:
+        options = dataclasses.replace(options, policy=source.policy)
+    if source.labels is not None:
+        options = dataclasses.replace(options, labels=dict(source.labels))
+    return options
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:

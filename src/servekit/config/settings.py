@@ -40,6 +40,16 @@ class ServerSettings(BaseSettings):
         description="Directory with one folder per model; serves each of them. Without this "
         "or --model_base_path, the built-in example models are served.",
     )
+    model_config_file: Path | None = Field(
+        None,
+        description="TF Serving model config file (text format, or YAML with a .yaml name) "
+        "listing the models to serve.",
+    )
+    model_config_file_poll_wait_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds between re-reads of --model_config_file; 0 reads it once.",
+    )
     tensorflow_intra_op_parallelism: int = Field(
         0, ge=0, description="Threads inside one operator of a runtime; 0 lets it choose."
     )
@@ -100,8 +110,19 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_model_source(self) -> ServerSettings:
-        if self.model_base_path is not None and self.model_repository is not None:
-            raise ValueError("give either --model_base_path or --model_repository, not both")
+        given = [
+            flag
+            for flag, value in (
+                ("--model_base_path", self.model_base_path),
+                ("--model_repository", self.model_repository),
+                ("--model_config_file", self.model_config_file),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give only one of {', '.join(given)}")
+        if self.model_config_file is not None and not self.model_config_file.is_file():
+            raise ValueError(f"model config file {self.model_config_file} does not exist")
         for path in (self.model_base_path, self.model_repository):
             if path is not None and not path.is_dir():
                 raise ValueError(f"model directory {path} does not exist or is not a directory")

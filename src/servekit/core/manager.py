@@ -8,6 +8,7 @@ handlers on the loop always read a consistent mapping without a lock.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -67,6 +68,13 @@ class Model:
     def newest(self) -> Servable | None:
         return self.servables[max(self.servables)] if self.servables else None
 
+    def reconfigure(self, source: ModelSource) -> Model:
+        """Take new settings for this model; a new base path starts a new model."""
+        if source.base_path != self.base_path:
+            return Model(source)
+        self.source = source
+        return self
+
     def put(self, servable: Servable) -> None:
         self.servables = {**self.servables, servable.version: servable}
 
@@ -85,6 +93,8 @@ class ModelManager:
         self._options = options
         self._metrics = metrics
         self._retry = retry or RetryPolicy()
+        # Repository polls and config reloads run on executor threads and may overlap.
+        self._sync_lock = threading.RLock()
 
     @property
     def model_names(self) -> list[str]:
@@ -92,6 +102,31 @@ class ModelManager:
 
     def knows(self, name: str) -> bool:
         return name in self._models
+
+    def set_sources(self, sources: list[ModelSource]) -> None:
+        """Make `sources` the complete list of models: add new ones, drop missing ones.
+
+        Runs on the poll thread. New models load at once; a dropped model's versions drain and
+        unload.
+        """
+        with self._sync_lock:
+            self._replace_models(sources)
+            self.poll()
+
+    def _replace_models(self, sources: list[ModelSource]) -> None:
+        current = self._models
+        models = {}
+        for source in sources:
+            model = current.get(source.name)
+            if model is None or model.source != source:
+                model = Model(source) if model is None else model.reconfigure(source)
+            models[source.name] = model
+        dropped = [model for name, model in current.items() if name not in models]
+        self._models = models
+        for model in dropped:
+            logger.info("model %s is no longer configured; unloading it", model.name)
+            for servable in model.servables.values():
+                self._unload(servable)
 
     def load_all(self) -> None:
         """Load what every model serves at start; blocks until each has loaded or failed.
@@ -103,11 +138,14 @@ class ModelManager:
 
     def poll(self, initial: bool = False) -> None:
         """Scan every base path once and load, swap or unload versions to match."""
-        for model in self._models.values():
-            try:
-                self._sync(model, initial)
-            except Exception:
-                logger.exception("failed to update model %s from %s", model.name, model.base_path)
+        with self._sync_lock:
+            for model in self._models.values():
+                try:
+                    self._sync(model, initial)
+                except Exception:
+                    logger.exception(
+                        "failed to update model %s from %s", model.name, model.base_path
+                    )
 
     def unload_all(self) -> None:
         for model in self._models.values():

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from servekit.repository.policy import VersionPolicy
+
 logger = logging.getLogger(__name__)
 
 _VERSION_NAME = re.compile(r"[0-9]+")
@@ -23,10 +25,16 @@ _reported: set[tuple[Path, str]] = set()
 
 @dataclass(frozen=True, slots=True)
 class ModelSource:
-    """A model name and the base path that holds its version directories."""
+    """A model name and the base path that contains its version directories.
+
+    A model config file may also set the version policy and labels, which then take the
+    place of those in the model's servekit.yaml.
+    """
 
     name: str
     base_path: Path
+    policy: VersionPolicy | None = None
+    labels: tuple[tuple[str, int], ...] | None = None
 
 
 def sources_in_repository(repository: Path) -> list[ModelSource]:

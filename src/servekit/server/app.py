@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from servekit.config.model_config import ConfigError
 from servekit.core.errors import NotFoundError, ServekitError, shorten
 from servekit.core.manager import ModelManager
 from servekit.observability.metrics import CONTENT_TYPE, Metrics
+from servekit.repository.layout import ModelSource
 from servekit.server.http import (
     ClientDisconnectedError,
     Receive,
@@ -24,6 +28,16 @@ from servekit.server.tfserving_routes import TFServingRoutes
 from servekit.server.v2_routes import V2Routes
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReloader:
+    """Re-reads the model config file every `interval_seconds`."""
+
+    read: Callable[[], list[ModelSource]]
+    interval_seconds: float
+
+
 access_logger = logging.getLogger("servekit.access")
 # How often each worker publishes its figures when several workers share the metrics.
 _SAMPLE_SECONDS = 1.0
@@ -39,6 +53,7 @@ class ServekitApp:
         max_request_body_bytes: int,
         request_timeout: float,
         poll_seconds: float = 0.0,
+        reloader: ConfigReloader | None = None,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
@@ -48,6 +63,8 @@ class ServekitApp:
         # Seconds between repository scans; 0 scans only at start.
         self.poll_seconds = poll_seconds
         self._poller: asyncio.Task[None] | None = None
+        self._reloader = reloader
+        self._reloading: asyncio.Task[None] | None = None
         # Set by the runner once the socket is bound, for the startup log line.
         self.address = ""
         self._sampler: asyncio.Task[None] | None = None
@@ -69,7 +86,7 @@ class ServekitApp:
                 await self._startup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                for task in (self._sampler, self._poller):
+                for task in (self._sampler, self._poller, self._reloading):
                     if task is not None:
                         task.cancel()
                 await asyncio.get_running_loop().run_in_executor(None, self.manager.unload_all)
@@ -85,7 +102,23 @@ class ServekitApp:
             self._sampler = loop.create_task(self._sample_process())
         if self.poll_seconds > 0:
             self._poller = loop.create_task(self._poll_repository())
+        if self._reloader is not None:
+            self._reloading = loop.create_task(self._reload_config(self._reloader))
         logger.info("serving REST API on %s", self.address or "an ASGI server")
+
+    async def _reload_config(self, reloader: ConfigReloader) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(reloader.interval_seconds)
+            await loop.run_in_executor(None, self._apply_config, reloader)
+
+    def _apply_config(self, reloader: ConfigReloader) -> None:
+        try:
+            sources = reloader.read()
+        except ConfigError as exc:
+            logger.error("%s; keeping the models already configured", exc)
+            return
+        self.manager.set_sources(sources)
 
     async def _poll_repository(self) -> None:
         # Scans and loads block on the file system and runtimes, so they run off the loop.

@@ -18,6 +18,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from servekit.batching.config import BatchingConfig
 from servekit.config.model_config import load_model_options, read_batching_parameters
+from servekit.config.model_server_config import read_model_config_file
 from servekit.config.settings import ServerSettings
 from servekit.core.manager import ModelManager, RetryPolicy
 from servekit.core.options import ServableOptions
@@ -26,7 +27,7 @@ from servekit.observability.metrics import Metrics
 from servekit.protocols.jsoncodec import dump_json
 from servekit.repository.layout import ModelSource, sources_in_repository
 from servekit.runtimes.base import RuntimeOptions
-from servekit.server.app import ServekitApp
+from servekit.server.app import ConfigReloader, ServekitApp
 
 logger = logging.getLogger(__name__)
 _SWITCH_INTERVAL_SECONDS = 0.0002
@@ -38,6 +39,8 @@ class BindError(Exception):
 
 def model_sources(settings: ServerSettings) -> list[ModelSource]:
     """List the models the settings name; the example repository when they name none."""
+    if settings.model_config_file is not None:
+        return read_model_config_file(settings.model_config_file)
     if settings.model_base_path is not None:
         return [ModelSource(settings.model_name, settings.model_base_path)]
     if "model_name" in settings.model_fields_set:
@@ -84,6 +87,17 @@ def build_app(settings: ServerSettings) -> ServekitApp:
         settings.max_request_body_bytes,
         settings.rest_api_timeout_in_ms / 1000,
         settings.file_system_poll_wait_seconds,
+        _config_reloader(settings),
+    )
+
+
+def _config_reloader(settings: ServerSettings) -> ConfigReloader | None:
+    path = settings.model_config_file
+    if path is None or settings.model_config_file_poll_wait_seconds <= 0:
+        return None
+    return ConfigReloader(
+        functools.partial(read_model_config_file, path),
+        settings.model_config_file_poll_wait_seconds,
     )
 
 
