@@ -81,7 +81,7 @@ def test_generated_request_id(toy: httpx.Client) -> None:
     [
         (["--rest_api_port", "70000"], "rest_api_port"),
         (["--model_base_path", "/nonexistent/models"], "does not exist"),
-        (["--model_base_path", ".", "--model_repository", "."], "not both"),
+        (["--model_base_path", ".", "--model_repository", "."], "give only one of"),
         (["--log_format", "xml"], "xml"),
         (["--no_such_flag"], "no_such_flag"),
     ],
