@@ -20,6 +20,7 @@ from servekit.batching.config import BatchingConfig
 from servekit.core.errors import InternalError, InvalidInputError, ServekitError, UnavailableError
 from servekit.core.options import ServableOptions
 from servekit.core.types import InferenceRequest, InferenceResponse, Signature
+from servekit.core.warmup import run_warmup
 from servekit.runtimes.base import Runtime, RuntimeNotFoundError, runtime_for
 
 logger = logging.getLogger(__name__)
@@ -111,14 +112,26 @@ class Servable:
         """Load the version's files; on failure, end in END with the error kept for status."""
         self.state = State.LOADING
         started = time.monotonic()
+        runtime: Runtime | None = None
         try:
             runtime = runtime_for(self.directory, self._options.runtime)
             self._signature = runtime.load(self.directory)
+            # Warmup runs before the version is AVAILABLE, so a model that loads but cannot
+            # compute (or computes wrong answers) never takes traffic.
+            warmed = run_warmup(self.directory, self._signature, runtime.predict)
+            logger.debug(
+                "warmed up model %s version %d with %d requests",
+                self.model_name,
+                self.version,
+                warmed,
+            )
         except Exception as exc:
             # The message reaches clients through the status API, so the server's own
             # directory layout is replaced by the model and version it stands for.
             reason = str(exc).replace(str(self.directory), f"{self.model_name}/{self.version}")
             code = "NOT_FOUND" if isinstance(exc, RuntimeNotFoundError) else "UNKNOWN"
+            if runtime is not None:
+                runtime.unload()
             self.fail(f"failed to load: {reason}", code)
             return
         self._runtime = runtime
