@@ -8,6 +8,7 @@ import click
 from pydantic import ValidationError
 
 from servekit import __version__
+from servekit.cli.models import models
 from servekit.cli.options import options_from
 from servekit.config.model_config import describe_validation_error
 from servekit.config.settings import ServerSettings
@@ -40,6 +41,9 @@ def serve(**flags: Any) -> None:
         run_server(settings)
     except (BindError, ConfigError, FileNotFoundError, WorkersFailedError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+cli.add_command(models)
 
 
 def main() -> None:

@@ -68,6 +68,10 @@ class ServerSettings(BaseSettings):
     load_retry_interval_micros: int = Field(
         60_000_000, ge=0, description="Time between load retries, in microseconds."
     )
+    enable_model_management: bool = Field(
+        True,
+        description="Serve the V2 repository API (index, load, unload) on the REST port.",
+    )
     rest_api_timeout_in_ms: int = Field(
         30000,
         gt=0,

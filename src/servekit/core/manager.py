@@ -57,6 +57,8 @@ class Model:
         self.fingerprints: dict[int, Fingerprint] = {}
         self.attempts: dict[int, _Attempts] = {}
         self.unreadable = False
+        # Set by an explicit unload through the management API; polling then leaves it alone.
+        self.disabled = False
 
     def available_versions(self) -> list[int]:
         return sorted(v for v, s in self.servables.items() if s.state is State.AVAILABLE)
@@ -88,8 +90,11 @@ class ModelManager:
         options: Callable[[ModelSource], ModelOptions],
         metrics: Metrics,
         retry: RetryPolicy | None = None,
+        discover: Callable[[str], ModelSource | None] | None = None,
     ) -> None:
         self._models = {source.name: Model(source) for source in sources}
+        # Finds a model folder that is not loaded yet, for the management API's load.
+        self._discover = discover
         self._options = options
         self._metrics = metrics
         self._retry = retry or RetryPolicy()
@@ -128,6 +133,61 @@ class ModelManager:
             for servable in model.servables.values():
                 self._unload(servable)
 
+    def index(self) -> list[dict[str, str]]:
+        """List every model version for the V2 repository index, as Triton does."""
+        entries = []
+        for name in sorted(self._models):
+            model = self._models[name]
+            if not model.servables:
+                reason = "unloaded" if model.disabled else "no versions"
+                entries.append(
+                    {"name": name, "version": "", "state": "UNAVAILABLE", "reason": reason}
+                )
+            for version in sorted(model.servables):
+                servable = model.servables[version]
+                ready = servable.state is State.AVAILABLE
+                reason = servable.error_message or ("" if ready else servable.state.name)
+                entries.append(
+                    {
+                        "name": name,
+                        "version": str(version),
+                        "state": "READY" if ready else "UNAVAILABLE",
+                        "reason": reason,
+                    }
+                )
+        return entries
+
+    def load_model(self, name: str) -> Servable:
+        """Load (or reload) a model now; raise if it has no available version afterwards."""
+        with self._sync_lock:
+            model = self._models.get(name)
+            if model is None:
+                source = self._discover(name) if self._discover else None
+                if source is None:
+                    raise NotFoundError(f"model {shorten(name)} is not in the repository")
+                model = Model(source)
+                self._models = {**self._models, name: model}
+            model.disabled = False
+            model.attempts = {}
+            self._sync(model, initial=True)
+            servable = model.latest_available()
+            if servable is None:
+                newest = model.newest()
+                reason = newest.error_message if newest else "it has no version directories"
+                raise InvalidInputError(f"failed to load model {shorten(name)}: {reason}")
+            return servable
+
+    def unload_model(self, name: str) -> None:
+        """Drain and unload every version of a model, and stop polling from reloading it."""
+        with self._sync_lock:
+            model = self._models.get(name)
+            if model is None:
+                raise NotFoundError(f"model {shorten(name)} is not loaded")
+            model.disabled = True
+            model.labels = {}
+            for servable in model.servables.values():
+                self._unload(servable)
+
     def load_all(self) -> None:
         """Load what every model serves at start; blocks until each has loaded or failed.
 
@@ -140,6 +200,8 @@ class ModelManager:
         """Scan every base path once and load, swap or unload versions to match."""
         with self._sync_lock:
             for model in self._models.values():
+                if model.disabled:
+                    continue
                 try:
                     self._sync(model, initial)
                 except Exception:

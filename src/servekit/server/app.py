@@ -54,6 +54,7 @@ class ServekitApp:
         request_timeout: float,
         poll_seconds: float = 0.0,
         reloader: ConfigReloader | None = None,
+        management: bool = True,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
@@ -71,7 +72,7 @@ class ServekitApp:
         # Labelled metric children by (model, version, protocol, status), to skip labels().
         self._request_metrics: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self._tfserving = TFServingRoutes(manager)
-        self._v2 = V2Routes(manager)
+        self._v2 = V2Routes(manager, management)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

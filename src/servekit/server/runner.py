@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import uvicorn
@@ -80,6 +80,7 @@ def build_app(settings: ServerSettings) -> ServekitApp:
         functools.partial(load_model_options, defaults=defaults),
         metrics,
         retry,
+        _discoverer(settings),
     )
     return ServekitApp(
         manager,
@@ -88,7 +89,24 @@ def build_app(settings: ServerSettings) -> ServekitApp:
         settings.rest_api_timeout_in_ms / 1000,
         settings.file_system_poll_wait_seconds,
         _config_reloader(settings),
+        settings.enable_model_management,
     )
+
+
+def _discoverer(settings: ServerSettings) -> Callable[[str], ModelSource | None] | None:
+    """Let the management API load folders added to the repository after the start."""
+    if settings.model_config_file is not None or settings.model_base_path is not None:
+        return None
+    repository = settings.model_repository or EXAMPLE_REPOSITORY
+
+    def discover(name: str) -> ModelSource | None:
+        # Only a plain folder name directly under the repository, never a path.
+        if not name or name.startswith(".") or "/" in name or "\x00" in name:
+            return None
+        folder = repository / name
+        return ModelSource(name, folder) if folder.is_dir() else None
+
+    return discover
 
 
 def _config_reloader(settings: ServerSettings) -> ConfigReloader | None:

@@ -6,6 +6,7 @@ own, so an encoded slash stays inside a model name. Versions are decimal integer
 
 from __future__ import annotations
 
+import asyncio
 import re
 from urllib.parse import unquote
 
@@ -19,14 +20,16 @@ from servekit.server.http import Request, Response, json_response, require_metho
 PROTOCOL = "v2"
 _DIGITS = re.compile("[0-9]+")
 _LABEL = re.compile("[a-zA-Z0-9_]+")
+_REPOSITORY_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)")
 _MODEL_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?"
 )
 
 
 class V2Routes:
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, management: bool = True) -> None:
         self._manager = manager
+        self._management = management
 
     async def handle(self, request: Request) -> Response:
         path = request.raw_path
@@ -39,6 +42,8 @@ class V2Routes:
         if path == "/v2/health/ready":
             require_method(request, "GET")
             return self._server_ready()
+        if path.startswith("/v2/repository/"):
+            return await self._repository(request, path)
         match = _MODEL_PATH.fullmatch(path)
         if match is None:
             raise NotFoundError(f"unknown path {shorten(path)}")
@@ -52,6 +57,26 @@ class V2Routes:
         if action == "/ready":
             return self._model_ready(name, version, label)
         return self._model_metadata(name, version, label)
+
+    async def _repository(self, request: Request, path: str) -> Response:
+        """Serve the repository extension: index, load and unload."""
+        if not self._management:
+            raise NotFoundError(
+                f"unknown path {shorten(path)}; the management API is disabled on this server"
+            )
+        require_method(request, "POST")
+        loop = asyncio.get_running_loop()
+        if path == "/v2/repository/index":
+            return json_response(self._manager.index())
+        match = _REPOSITORY_PATH.fullmatch(path)
+        if match is None:
+            raise NotFoundError(f"unknown path {shorten(path)}")
+        name = unquote(match["name"])
+        if match["action"] == "load":
+            await loop.run_in_executor(None, self._manager.load_model, name)
+        else:
+            await loop.run_in_executor(None, self._manager.unload_model, name)
+        return json_response({})
 
     def _server_ready(self) -> Response:
         ready, reason = self._manager.ready()
