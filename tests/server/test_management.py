@@ -99,3 +99,31 @@ def test_models_command_without_server() -> None:
     result = models_command(f"http://127.0.0.1:{port}", "list")
     assert result.returncode == 1
     assert "cannot reach" in result.stderr
+
+
+def test_set_label_and_config_override(tmp_path: Path) -> None:
+    write_adder(tmp_path, version=1, amount=1.0)
+    write_adder(tmp_path, version=2, amount=2.0)
+    server = ServerProcess("--model_repository", str(tmp_path))
+    url = server.url
+    try:
+        override = '{"version_policy": {"all": {}}}'
+        loaded = httpx.post(
+            f"{url}/v2/repository/models/adder/load", json={"parameters": {"config": override}}
+        )
+        assert loaded.status_code == 200
+        index = httpx.post(f"{url}/v2/repository/index").json()
+        assert [entry["state"] for entry in index] == ["READY", "READY"]
+
+        command = models_command(url, "set-label", "adder", "stable", "1")
+        assert command.returncode == 0, command.stderr
+        stable = httpx.post(f"{url}/v1/models/adder/labels/stable:predict", json=BODY)
+        assert stable.json() == {"predictions": [[2.0, 3.0, 4.0]]}
+
+        refused = models_command(url, "set-label", "adder", "stable", "9")
+        assert refused.returncode == 1
+        assert "not available" in refused.stderr
+        bad = httpx.post(f"{url}/v2/repository/models/adder/labels", json={"label": "a-b"})
+        assert_json_error(bad, 400)
+    finally:
+        server.stop()

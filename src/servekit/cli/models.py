@@ -40,6 +40,18 @@ def load_model(url: str, name: str) -> None:
     click.echo(f"loaded {name}")
 
 
+@models.command("set-label")
+@click.argument("name")
+@click.argument("label")
+@click.argument("version", type=click.IntRange(min=0))
+@click.pass_obj
+def set_label(url: str, name: str, label: str, version: int) -> None:
+    """Point LABEL of NAME at VERSION, which must be available (until the server restarts)."""
+    body = {"label": label, "version": version}
+    _post(url, f"/v2/repository/models/{quote(name, safe='')}/labels", body)
+    click.echo(f"{name} label {label} -> version {version}")
+
+
 @models.command("unload")
 @click.argument("name")
 @click.pass_obj
@@ -49,8 +61,9 @@ def unload_model(url: str, name: str) -> None:
     click.echo(f"unloaded {name}")
 
 
-def _post(url: str, path: str) -> Any:
-    request = urllib.request.Request(url + path, data=b"{}", method="POST")
+def _post(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body or {}).encode()
+    request = urllib.request.Request(url + path, data=data, method="POST")
     request.add_header("content-type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=600) as response:

@@ -105,13 +105,15 @@ class _ModelFile(BaseModel):
 def load_model_options(source: ModelSource, defaults: ServableOptions) -> ModelOptions:
     """Read `servekit.yaml` from the model's base path, if present, over `defaults`.
 
-    Raises ConfigError with a readable reason when the file is invalid.
+    A source loaded through the management API with a config override uses that JSON text in
+    place of the file. Raises ConfigError with a readable reason when either is invalid.
     """
     path = source.base_path / MODEL_CONFIG_FILE
-    if not path.is_file():
+    if source.override is None and not path.is_file():
         return _from_source(ModelOptions(defaults), source)
     try:
-        document = yaml.safe_load(path.read_text()) or {}
+        text = source.override if source.override is not None else path.read_text()
+        document = yaml.safe_load(text) or {}
         parsed = _ModelFile.model_validate(document)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None

@@ -7,6 +7,7 @@ handlers on the loop always read a consistent mapping without a lock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -59,6 +60,8 @@ class Model:
         self.unreadable = False
         # Set by an explicit unload through the management API; polling then leaves it alone.
         self.disabled = False
+        # Labels set through the management API, which win over the configured ones.
+        self.label_overrides: dict[str, int] = {}
 
     def available_versions(self) -> list[int]:
         return sorted(v for v, s in self.servables.items() if s.state is State.AVAILABLE)
@@ -157,8 +160,11 @@ class ModelManager:
                 )
         return entries
 
-    def load_model(self, name: str) -> Servable:
-        """Load (or reload) a model now; raise if it has no available version afterwards."""
+    def load_model(self, name: str, override: str | None = None) -> Servable:
+        """Load (or reload) a model now; raise if it has no available version afterwards.
+
+        `override` replaces the model's servekit.yaml until the server restarts.
+        """
         with self._sync_lock:
             model = self._models.get(name)
             if model is None:
@@ -167,6 +173,8 @@ class ModelManager:
                     raise NotFoundError(f"model {shorten(name)} is not in the repository")
                 model = Model(source)
                 self._models = {**self._models, name: model}
+            if override is not None:
+                model.source = dataclasses.replace(model.source, override=override)
             model.disabled = False
             model.attempts = {}
             self._sync(model, initial=True)
@@ -176,6 +184,21 @@ class ModelManager:
                 reason = newest.error_message if newest else "it has no version directories"
                 raise InvalidInputError(f"failed to load model {shorten(name)}: {reason}")
             return servable
+
+    def set_label(self, name: str, label: str, version: int) -> None:
+        """Point `label` at an available version until the server restarts."""
+        with self._sync_lock:
+            model = self._models.get(name)
+            if model is None:
+                raise NotFoundError(f"model {shorten(name)} is not loaded")
+            if version not in model.available_versions():
+                raise InvalidInputError(
+                    f"version {version} of model {shorten(name)} is not available; a label "
+                    "may only point at an available version"
+                )
+            model.label_overrides = {**model.label_overrides, label: version}
+            model.labels = {**model.labels, label: version}
+            logger.info("label %s of model %s now points at version %d", label, name, version)
 
     def unload_model(self, name: str) -> None:
         """Drain and unload every version of a model, and stop polling from reloading it."""
@@ -419,6 +442,7 @@ class ModelManager:
 
     def _apply_labels(self, model: Model, labels: dict[str, int]) -> None:
         # A label takes effect only once its version is available, as in TF Serving.
+        labels = {**labels, **model.label_overrides}
         available = set(model.available_versions())
         active = {label: version for label, version in labels.items() if version in available}
         for label in labels.keys() - active.keys():

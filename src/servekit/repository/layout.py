@@ -35,6 +35,8 @@ class ModelSource:
     base_path: Path
     policy: VersionPolicy | None = None
     labels: tuple[tuple[str, int], ...] | None = None
+    # servekit.yaml content (JSON is YAML too) given with a management API load.
+    override: str | None = None
 
 
 def sources_in_repository(repository: Path) -> list[ModelSource]:

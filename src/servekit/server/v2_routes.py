@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 from urllib.parse import unquote
 
 from servekit.core.errors import InvalidInputError, NotFoundError, shorten
@@ -15,12 +16,15 @@ from servekit.core.manager import ModelManager
 from servekit.core.servable import Servable, State
 from servekit.observability.metrics import UNKNOWN_MODEL
 from servekit.protocols import v2
+from servekit.protocols.jsoncodec import parse_json
 from servekit.server.http import Request, Response, json_response, require_method
 
 PROTOCOL = "v2"
 _DIGITS = re.compile("[0-9]+")
 _LABEL = re.compile("[a-zA-Z0-9_]+")
-_REPOSITORY_PATH = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)")
+_REPOSITORY_PATH = re.compile(
+    r"/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload|labels)"
+)
 _MODEL_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?"
 )
@@ -72,10 +76,15 @@ class V2Routes:
         if match is None:
             raise NotFoundError(f"unknown path {shorten(path)}")
         name = unquote(match["name"])
-        if match["action"] == "load":
-            await loop.run_in_executor(None, self._manager.load_model, name)
-        else:
+        action = match["action"]
+        if action == "load":
+            override = _config_override(parse_json(await request.body() or b"{}"))
+            await loop.run_in_executor(None, self._manager.load_model, name, override)
+        elif action == "unload":
             await loop.run_in_executor(None, self._manager.unload_model, name)
+        else:
+            label, version = _label_request(parse_json(await request.body()))
+            await loop.run_in_executor(None, self._manager.set_label, name, label, version)
         return json_response({})
 
     def _server_ready(self) -> Response:
@@ -126,6 +135,29 @@ class V2Routes:
             return Response(200, payload)
         headers = {v2.HEADER_LENGTH: str(json_length)}
         return Response(200, payload, "application/octet-stream", headers)
+
+
+def _config_override(document: Any) -> str | None:
+    """Read Triton's `{"parameters": {"config": "<JSON>"}}` load body, if present."""
+    if not isinstance(document, dict):
+        raise InvalidInputError("the request body must be a JSON object")
+    parameters = document.get("parameters") or {}
+    config = parameters.get("config") if isinstance(parameters, dict) else None
+    if config is None:
+        return None
+    if not isinstance(config, str):
+        raise InvalidInputError("parameter 'config' must be a string of JSON settings")
+    return config
+
+
+def _label_request(document: Any) -> tuple[str, int]:
+    label = document.get("label") if isinstance(document, dict) else None
+    version = document.get("version") if isinstance(document, dict) else None
+    if not isinstance(label, str) or not _LABEL.fullmatch(label):
+        raise InvalidInputError("'label' must be a name of letters, digits and underscores")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise InvalidInputError("'version' must be a non-negative integer")
+    return label, version
 
 
 def _target(text: str | None) -> tuple[int | None, str | None]:
