@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -125,5 +126,23 @@ def test_set_label_and_config_override(tmp_path: Path) -> None:
         assert "not available" in refused.stderr
         bad = httpx.post(f"{url}/v2/repository/models/adder/labels", json={"label": "a-b"})
         assert_json_error(bad, 400)
+    finally:
+        server.stop()
+
+
+def test_separate_management_port(tmp_path: Path) -> None:
+    write_adder(tmp_path)
+    server = ServerProcess("--model_repository", str(tmp_path), "--model_management_port", "0")
+    url = server.url
+    match = re.search(r"serving management API on (http://\S+)", server.log)
+    assert match is not None
+    management = match.group(1)
+    try:
+        assert management.startswith("http://127.0.0.1:")
+        assert httpx.post(f"{management}/v2/repository/index").status_code == 200
+        on_rest = httpx.post(f"{url}/v2/repository/index")
+        assert "own port" in assert_json_error(on_rest, 404)
+        assert_json_error(httpx.post(f"{management}/v1/models/adder:predict", json=BODY), 404)
+        assert httpx.post(f"{url}/v1/models/adder:predict", json=BODY).status_code == 200
     finally:
         server.stop()

@@ -72,6 +72,16 @@ class ServerSettings(BaseSettings):
         True,
         description="Serve the V2 repository API (index, load, unload) on the REST port.",
     )
+    model_management_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve the management API only on this port (0 picks one) instead of "
+        "the REST port.",
+    )
+    model_management_host: str = Field(
+        "127.0.0.1", description="Address the separate management port binds to."
+    )
     rest_api_timeout_in_ms: int = Field(
         30000,
         gt=0,

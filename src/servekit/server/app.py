@@ -66,13 +66,16 @@ class ServekitApp:
         self._poller: asyncio.Task[None] | None = None
         self._reloader = reloader
         self._reloading: asyncio.Task[None] | None = None
-        # Set by the runner once the socket is bound, for the startup log line.
+        # Set by the runner once the sockets are bound, for the startup log lines.
         self.address = ""
+        self.management_address = ""
+        # The separate management port, if any; then the management API answers only there.
+        self.management_port: int | None = None
         self._sampler: asyncio.Task[None] | None = None
         # Labelled metric children by (model, version, protocol, status), to skip labels().
         self._request_metrics: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self._tfserving = TFServingRoutes(manager)
-        self._v2 = V2Routes(manager, management)
+        self._v2 = V2Routes(manager, management, lambda: self.management_port)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -105,6 +108,8 @@ class ServekitApp:
             self._poller = loop.create_task(self._poll_repository())
         if self._reloader is not None:
             self._reloading = loop.create_task(self._reload_config(self._reloader))
+        if self.management_address:
+            logger.info("serving management API on %s", self.management_address)
         logger.info("serving REST API on %s", self.address or "an ASGI server")
 
     async def _reload_config(self, reloader: ConfigReloader) -> None:
@@ -176,6 +181,9 @@ class ServekitApp:
 
     async def _dispatch(self, request: Request) -> Response:
         path = request.raw_path
+        on_management_port = request.server_port == self.management_port
+        if on_management_port and not path.startswith("/v2/repository/"):
+            raise NotFoundError(f"unknown path {shorten(path)}; this port serves /v2/repository/")
         if path[:4].lower() == "/v1/":
             return await self._tfserving.handle(request)
         if path == "/v2" or path.startswith("/v2/"):

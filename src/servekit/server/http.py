@@ -63,6 +63,8 @@ class Request:
     protocol: str = ""
     # Set when the client disconnected while its request was being handled.
     disconnected: bool = False
+    # The local port the request arrived on (the REST or the management port).
+    server_port: int = 0
     _watcher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -80,6 +82,8 @@ class Request:
         )
         request.arrival = time.monotonic()
         request.deadline = request.arrival + timeout
+        server = scope.get("server")
+        request.server_port = server[1] if server else 0
         return request
 
     def set_timeout(self, seconds: float) -> None:

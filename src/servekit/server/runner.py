@@ -130,11 +130,14 @@ def serve(settings: ServerSettings) -> None:
 
         Supervisor(settings).run()
         return
-    run_worker(settings, bind(settings.rest_api_host, settings.rest_api_port))
+    rest = bind(settings.rest_api_host, settings.rest_api_port)
+    run_worker(settings, rest, bind_management(settings))
 
 
-def run_worker(settings: ServerSettings, sock: socket.socket) -> None:
-    """Serve on an already bound socket until SIGINT or SIGTERM."""
+def run_worker(
+    settings: ServerSettings, sock: socket.socket, management: socket.socket | None = None
+) -> None:
+    """Serve on already bound sockets (REST, and management if separate) until stopped."""
     # Instance threads return from onnxruntime (which released the GIL) wanting it back while
     # the event loop thread holds it. Python makes them wait up to the switch interval (5 ms by
     # default) for every batch; a shorter interval hands the GIL over sooner.
@@ -143,8 +146,12 @@ def run_worker(settings: ServerSettings, sock: socket.socket) -> None:
     # only add noise to the log.
     np.seterr(over="ignore")
     app = build_app(settings)
-    host, port = sock.getsockname()[:2]
-    app.address = f"http://{format_host(host)}:{port}"
+    app.address = _address(sock)
+    sockets = [sock]
+    if management is not None:
+        app.management_port = management.getsockname()[1]
+        app.management_address = _address(management)
+        sockets.append(management)
     config = uvicorn.Config(
         app,
         loop="uvloop",
@@ -154,7 +161,19 @@ def run_worker(settings: ServerSettings, sock: socket.socket) -> None:
         log_config=None,
         server_header=False,
     )
-    _Server(config).run(sockets=[sock])
+    _Server(config).run(sockets=sockets)
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{format_host(host)}:{port}"
+
+
+def bind_management(settings: ServerSettings, reuse_port: bool = False) -> socket.socket | None:
+    """Bind the separate management port, if one is configured."""
+    if settings.model_management_port is None:
+        return None
+    return bind(settings.model_management_host, settings.model_management_port, reuse_port)
 
 
 class _Server(uvicorn.Server):

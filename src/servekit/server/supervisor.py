@@ -47,13 +47,14 @@ def _worker_main(
 ) -> None:
     # Runs in the spawned worker: set up logging, bind the shared port and serve.
     from servekit.observability.logging import configure_logging
-    from servekit.server.runner import bind, run_worker
+    from servekit.server.runner import bind, bind_management, run_worker
 
     configure_logging(*log_settings)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     parsed = ServerSettings.model_validate(settings)
     logger.info("worker %d started (pid %d)", index, os.getpid())
-    run_worker(parsed, bind(parsed.rest_api_host, port, reuse_port=True))
+    rest = bind(parsed.rest_api_host, port, reuse_port=True)
+    run_worker(parsed, rest, bind_management(parsed, reuse_port=True))
 
 
 class WorkersFailedError(Exception):
@@ -84,6 +85,14 @@ class Supervisor:
         with bind(settings.rest_api_host, settings.rest_api_port) as probe:
             port = probe.getsockname()[1]
         placeholder = bind(settings.rest_api_host, port, reuse_port=True)
+        management = None
+        if settings.model_management_port is not None:
+            host = settings.model_management_host
+            with bind(host, settings.model_management_port) as probe:
+                management_port = probe.getsockname()[1]
+            management = bind(host, management_port, reuse_port=True)
+            # Every worker binds the same, now known, port.
+            self._settings = settings.model_copy(update={"model_management_port": management_port})
         metrics_directory = tempfile.mkdtemp(prefix="servekit-metrics-")
         # Set before any worker starts, because prometheus_client reads it at import time.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_directory
@@ -100,6 +109,8 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             placeholder.close()
+            if management is not None:
+                management.close()
             shutil.rmtree(metrics_directory, ignore_errors=True)
             logger.info("all workers stopped")
         if self._failed:

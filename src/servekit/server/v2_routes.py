@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -31,9 +32,15 @@ _MODEL_PATH = re.compile(
 
 
 class V2Routes:
-    def __init__(self, manager: ModelManager, management: bool = True) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        management: bool = True,
+        management_port: Callable[[], int | None] = lambda: None,
+    ) -> None:
         self._manager = manager
         self._management = management
+        self._management_port = management_port
 
     async def handle(self, request: Request) -> Response:
         path = request.raw_path
@@ -67,6 +74,11 @@ class V2Routes:
         if not self._management:
             raise NotFoundError(
                 f"unknown path {shorten(path)}; the management API is disabled on this server"
+            )
+        port = self._management_port()
+        if port is not None and request.server_port != port:
+            raise NotFoundError(
+                f"unknown path {shorten(path)}; the management API is on its own port"
             )
         require_method(request, "POST")
         loop = asyncio.get_running_loop()
