@@ -306,3 +306,35 @@ def test_memory_is_flat_over_swaps(tmp_path: Path) -> None:
     print(f"resident memory after 5 and 50 swaps: {samples[0]:.0f} and {samples[1]:.0f} bytes")
     # After the first cycles have warmed the allocator, 45 more swaps may add only a little.
     assert samples[1] - samples[0] < 20 * 1024 * 1024
+
+
+SLOW_LOAD = """
+import time
+
+
+class Model:
+    inputs = [("x", "FP32", [-1, 3])]
+    outputs = [("y", "FP32", [-1, 3])]
+
+    def load(self, directory):
+        time.sleep(1.5)
+
+    def predict(self, inputs):
+        return {"y": inputs["x"] + 2}
+"""
+
+
+def test_live_and_serving_during_a_slow_load(server: ServerProcess, repository: Path) -> None:
+    folder = repository / "adder" / "2"
+    folder.mkdir()
+    (folder / "model.py").write_text(SLOW_LOAD)
+    wait_for(lambda: states(server.url).get("2") == "LOADING")
+    started = time.monotonic()
+    live = httpx.get(f"{server.url}/v2/health/live")
+    ready = httpx.get(f"{server.url}/v2/health/ready")
+    answer = httpx.post(f"{server.url}/v1/models/adder:predict", json=BODY)
+    assert time.monotonic() - started < 0.5
+    assert live.status_code == 200
+    assert ready.status_code == 200
+    assert answer.json()["predictions"] == ANSWERS[1]
+    wait_for(lambda: states(server.url).get("2") == "AVAILABLE")
