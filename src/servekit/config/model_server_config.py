@@ -10,7 +10,7 @@
       }
     }
 
-A file ending in `.yaml` or `.yml` holds the same fields as YAML, for example
+A file ending in `.yaml` or `.yml` contains the same fields as YAML, for example
 `model_config_list: {config: [{name: ranker, base_path: /models/ranker}]}`. Relative base paths
 are taken from the file's folder.
 """

@@ -161,7 +161,7 @@ class ModelManager:
         return entries
 
     # NOTE: each worker process has its own manager, so with several workers the management
-    # API's load, unload and labels change only the worker that answers the request.
+    # API's load, unload and labels change only the worker that receives the request.
     def load_model(self, name: str, override: str | None = None) -> Servable:
         """Load (or reload) a model now; raise if it has no available version afterwards.
 
