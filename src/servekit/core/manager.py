@@ -12,11 +12,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from servekit.batching.batcher import BatcherMetrics
 from servekit.core.errors import InvalidInputError, NotFoundError, UnavailableError, shorten
+from servekit.core.model import Attempts, Model, RetryPolicy
 from servekit.core.options import ModelOptions, ServableOptions
 from servekit.core.servable import Servable, ServableMetrics, State, VersionStatus
 from servekit.observability.metrics import Metrics
@@ -28,60 +28,6 @@ logger = logging.getLogger(__name__)
 _ENDED_KEPT = 10
 # Load passes per scan: a failed version lets the next older one load in the same scan.
 _MAX_PASSES = 3
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How often a version that failed to load is tried again, and how long to wait between."""
-
-    max_retries: int = 5
-    interval_seconds: float = 60.0
-
-
-@dataclass(slots=True)
-class _Attempts:
-    fingerprint: Fingerprint
-    count: int
-    last: float
-
-
-class Model:
-    """A named model, its servables by version and its active labels."""
-
-    def __init__(self, source: ModelSource) -> None:
-        self.source = source
-        self.name = source.name
-        self.base_path = source.base_path
-        # Replaced whole by the poll thread, never changed in place (see the module doc).
-        self.servables: dict[int, Servable] = {}
-        self.labels: dict[str, int] = {}
-        self.fingerprints: dict[int, Fingerprint] = {}
-        self.attempts: dict[int, _Attempts] = {}
-        self.unreadable = False
-        # Set by an explicit unload through the management API; polling then leaves it alone.
-        self.disabled = False
-        # Labels set through the management API, which win over the configured ones.
-        self.label_overrides: dict[str, int] = {}
-
-    def available_versions(self) -> list[int]:
-        return sorted(v for v, s in self.servables.items() if s.state is State.AVAILABLE)
-
-    def latest_available(self) -> Servable | None:
-        versions = self.available_versions()
-        return self.servables[versions[-1]] if versions else None
-
-    def newest(self) -> Servable | None:
-        return self.servables[max(self.servables)] if self.servables else None
-
-    def reconfigure(self, source: ModelSource) -> Model:
-        """Take new settings for this model; a new base path starts a new model."""
-        if source.base_path != self.base_path:
-            return Model(source)
-        self.source = source
-        return self
-
-    def put(self, servable: Servable) -> None:
-        self.servables = {**self.servables, servable.version: servable}
 
 
 class ModelManager:
@@ -409,7 +355,7 @@ class ModelManager:
         self._metrics.load_failures.labels(model.name).inc()
         previous = model.attempts.get(version)
         count = previous.count + 1 if previous and previous.fingerprint == prints else 1
-        model.attempts[version] = _Attempts(prints, count, time.monotonic())
+        model.attempts[version] = Attempts(prints, count, time.monotonic())
         return servable.state
 
     def _may_retry(self, model: Model, version: int, prints: Fingerprint) -> bool:

@@ -20,7 +20,8 @@ from servekit.batching.config import BatchingConfig
 from servekit.config.model_config import load_model_options, read_batching_parameters
 from servekit.config.model_server_config import read_model_config_file
 from servekit.config.settings import ServerSettings
-from servekit.core.manager import ModelManager, RetryPolicy
+from servekit.core.manager import ModelManager
+from servekit.core.model import RetryPolicy
 from servekit.core.options import ServableOptions
 from servekit.examples import EXAMPLE_REPOSITORY
 from servekit.observability.metrics import Metrics
