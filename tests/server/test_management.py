@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -146,3 +147,39 @@ def test_separate_management_port(tmp_path: Path) -> None:
         assert httpx.post(f"{url}/v1/models/adder:predict", json=BODY).status_code == 200
     finally:
         server.stop()
+
+
+def test_invalid_override_changes_nothing(tmp_path: Path) -> None:
+    write_adder(tmp_path)
+    server = ServerProcess(
+        "--model_repository", str(tmp_path), "--file_system_poll_wait_seconds", "0.2"
+    )
+    url = server.url
+    try:
+        for config in ("{not json", '{"version_policy": {"latest": 0}}'):
+            response = httpx.post(
+                f"{url}/v2/repository/models/adder/load", json={"parameters": {"config": config}}
+            )
+            assert "invalid settings for model adder" in assert_json_error(response, 400)
+            assert httpx.post(f"{url}/v1/models/adder:predict", json=BODY).status_code == 200
+        assert httpx.post(f"{url}/v2/repository/models/adder/load").status_code == 200
+        ready = httpx.post(f"{url}/v2/repository/index", json={"ready": True}).json()
+        assert [entry["state"] for entry in ready] == ["READY"]
+        (tmp_path / "adder" / "servekit.yaml").write_text("instances: [\n")
+        time.sleep(1.2)
+        assert httpx.post(f"{url}/v1/models/adder:predict", json=BODY).status_code == 200
+    finally:
+        server.stop()
+    assert server.log.count("invalid servekit.yaml") == 1
+
+
+def test_label_outside_policy_is_reported(tmp_path: Path) -> None:
+    write_adder(tmp_path, version=1)
+    write_adder(tmp_path, version=3)
+    (tmp_path / "adder" / "servekit.yaml").write_text(
+        "version_policy: {specific: [1]}\nlabels: {stable: 3}\n"
+    )
+    server = ServerProcess("--model_repository", str(tmp_path))
+    _ = server.url
+    server.stop()
+    assert server.log.count("label stable of model adder points at version 3") == 1

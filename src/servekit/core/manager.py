@@ -82,7 +82,7 @@ class ModelManager:
             for servable in model.servables.values():
                 self._unload(servable)
 
-    def index(self) -> list[dict[str, str]]:
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """List every model version for the V2 repository index, as Triton does."""
         entries = []
         for name in sorted(self._models):
@@ -104,6 +104,8 @@ class ModelManager:
                         "reason": reason,
                     }
                 )
+        if ready_only:
+            return [entry for entry in entries if entry["state"] == "READY"]
         return entries
 
     # NOTE: each worker process has its own manager, so with several workers the management
@@ -111,18 +113,27 @@ class ModelManager:
     def load_model(self, name: str, override: str | None = None) -> Servable:
         """Load (or reload) a model now; raise if it has no available version afterwards.
 
-        `override` replaces the model's servekit.yaml until the server restarts.
+        `override` replaces the model's servekit.yaml until the server restarts; an empty
+        string goes back to the file. Invalid settings are rejected before anything changes.
         """
         with self._sync_lock:
             model = self._models.get(name)
-            if model is None:
+            source = model.source if model is not None else None
+            if source is None:
                 source = self._discover(name) if self._discover else None
                 if source is None:
                     raise NotFoundError(f"model {shorten(name)} is not in the repository")
+            if override is not None:
+                source = dataclasses.replace(source, override=override or None)
+            try:
+                self._options(source)
+            except ValueError as exc:
+                message = f"invalid settings for model {shorten(name)}: {exc}"
+                raise InvalidInputError(message) from None
+            if model is None:
                 model = Model(source)
                 self._models = {**self._models, name: model}
-            if override is not None:
-                model.source = dataclasses.replace(model.source, override=override)
+            model.source = source
             model.disabled = False
             model.attempts = {}
             self._sync(model, initial=True)
@@ -261,6 +272,7 @@ class ModelManager:
         except ValueError as exc:
             self._fail_newest(model, f"invalid servekit.yaml: {exc}", initial)
             return
+        model.last_error = ""
         versions = self._scan(model)
         if versions is None:
             return
@@ -278,6 +290,7 @@ class ModelManager:
             ]
             if not any(result is State.END for result in loaded):
                 break
+        self._warn_stray_labels(model, options.labels, wanted)
         self._unload_gone(model, versions)
         self._retire_unwanted(model, wanted, options)
         self._apply_labels(model, options.labels)
@@ -388,6 +401,20 @@ class ModelManager:
         servable.drain_and_unload()
         self._record_state(servable)
 
+    def _warn_stray_labels(self, model: Model, labels: dict[str, int], wanted: set[int]) -> None:
+        # A label on a version the policy does not serve can never take effect.
+        for label, version in labels.items():
+            if version in wanted or (label, version) in model.stray_labels:
+                continue
+            model.stray_labels.add((label, version))
+            logger.warning(
+                "label %s of model %s points at version %d, which its version policy does "
+                "not serve; the label is not active",
+                label,
+                model.name,
+                version,
+            )
+
     def _apply_labels(self, model: Model, labels: dict[str, int]) -> None:
         # A label takes effect only once its version is available, as in TF Serving.
         labels = {**labels, **model.label_overrides}
@@ -408,8 +435,11 @@ class ModelManager:
             model.servables = {v: s for v, s in model.servables.items() if v not in drop}
 
     def _fail_newest(self, model: Model, message: str, initial: bool) -> None:
-        if not initial:
-            logger.error("model %s: %s; the loaded versions keep serving", model.name, message)
+        if model.servables or not initial:
+            # Logged once per distinct problem, since every scan finds it again.
+            if model.last_error != message:
+                logger.error("model %s: %s; the loaded versions keep serving", model.name, message)
+            model.last_error = message
             return
         versions = self._scan(model)
         if not versions:

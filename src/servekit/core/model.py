@@ -42,6 +42,9 @@ class Model:
         self.disabled = False
         # Labels set through the management API, which win over the configured ones.
         self.label_overrides: dict[str, int] = {}
+        # The last settings error logged, and labels already reported as pointing nowhere.
+        self.last_error = ""
+        self.stray_labels: set[tuple[str, int]] = set()
 
     def available_versions(self) -> list[int]:
         return sorted(v for v, s in self.servables.items() if s.state is State.AVAILABLE)

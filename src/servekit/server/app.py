@@ -66,6 +66,7 @@ class ServekitApp:
         self._poller: asyncio.Task[None] | None = None
         self._reloader = reloader
         self._reloading: asyncio.Task[None] | None = None
+        self._config_error = ""
         # Set by the runner once the sockets are bound, for the startup log lines.
         self.address = ""
         self.management_address = ""
@@ -122,8 +123,12 @@ class ServekitApp:
         try:
             sources = reloader.read()
         except ConfigError as exc:
-            logger.error("%s; keeping the models already configured", exc)
+            # Logged once per distinct problem, since every re-read finds it again.
+            if str(exc) != self._config_error:
+                logger.error("%s; keeping the models already configured", exc)
+            self._config_error = str(exc)
             return
+        self._config_error = ""
         self.manager.set_sources(sources)
 
     async def _poll_repository(self) -> None:

@@ -83,7 +83,9 @@ class V2Routes:
         require_method(request, "POST")
         loop = asyncio.get_running_loop()
         if path == "/v2/repository/index":
-            return json_response(self._manager.index())
+            document = parse_json(await request.body() or b"{}")
+            ready_only = isinstance(document, dict) and document.get("ready") is True
+            return json_response(self._manager.index(ready_only))
         match = _REPOSITORY_PATH.fullmatch(path)
         if match is None:
             raise NotFoundError(f"unknown path {shorten(path)}")
