@@ -178,7 +178,7 @@ def test_full_queue_rejects_at_once(batching_server: ServerProcess) -> None:
     for response, elapsed in rejected:
         assert "overloaded" in assert_json_error(response, 429)
         assert response.headers["retry-after"] == "1"
-        assert elapsed < 1.0
+        assert elapsed < 2.0
     after = httpx.post(f"{batching_server.url}{path}", json=slow_body(0), timeout=10)
     assert after.status_code == 200
 
@@ -199,7 +199,7 @@ def test_deadline_header(batching_server: ServerProcess) -> None:
         f"{batching_server.url}/v1/models/slow_pair:predict", json=slow_body(0.1), timeout=10
     )
     assert follow_up.status_code == 200
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 1.5
 
 
 def test_deadline_v2_parameter(batching_server: ServerProcess) -> None:
