@@ -110,6 +110,21 @@ def write_unary(root: Path, name: str, op: str, factor: float | None = None) -> 
     )
 
 
+def write_half_plus_two(root: Path) -> None:
+    """`y = 0.5 * x + 2` on FP32 [-1], a regressor."""
+    _save(
+        root,
+        "hp",
+        [
+            helper.make_node("Mul", ["x", "half"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "two"], ["y"]),
+        ],
+        [_tensor("x", FLOAT, [None])],
+        [_tensor("y", FLOAT, [None])],
+        [_const("half", [0.5], np.float32), _const("two", [2.0], np.float32)],
+    )
+
+
 def write_filter(root: Path) -> None:
     """`y` = the positive elements of `x`, so a row of negatives gives zero rows."""
     _save(
@@ -180,6 +195,7 @@ def write_repository(root: Path) -> Path:
     write_unary(root, "logm", "Log")
     write_unary(root, "tiny", "Mul", factor=1e-6)
     write_filter(root)
+    write_half_plus_two(root)
     write_strings(root)
     _write_python(root, "echo", ECHO_SOURCE.format(shape=[-1]))
     _write_python(root, "echo2d", ECHO_SOURCE.format(shape=[-1, 1]))

@@ -326,11 +326,6 @@ def test_deeply_nested_body(toy: httpx.Client) -> None:
     assert message
 
 
-def test_classify_not_supported(toy: httpx.Client) -> None:
-    message = assert_json_error(post(toy, "/v1/models/adder:classify", '{"examples": []}'), 501)
-    assert ":predict" in message
-
-
 @pytest.mark.parametrize(
     ("method", "path"),
     [

@@ -47,6 +47,27 @@ def check_signature_name(signature_name: str) -> None:
         )
 
 
+def decode_examples(body: PredictBody, verb: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Check a classify or regress body and return its examples and context."""
+    document = body.document
+    if "examples" not in document:
+        raise InvalidInputError(
+            f"When method is {verb}, key 'examples' is expected and was not found"
+        )
+    examples = document["examples"]
+    if not isinstance(examples, list):
+        raise InvalidInputError("'examples' must be a JSON array of objects")
+    if not examples:
+        raise InvalidInputError("'examples' must not be empty")
+    for index, example in enumerate(examples):
+        if not isinstance(example, dict):
+            raise InvalidInputError(f"examples[{index}] must be an object of features")
+    context = document.get("context", {})
+    if not isinstance(context, dict):
+        raise InvalidInputError("'context' must be an object of features")
+    return examples, context
+
+
 def decode_predict(body: PredictBody, signature: Signature) -> tuple[InferenceRequest, bool]:
     """Build the request from `instances` (row format) or `inputs` (columnar format).
 

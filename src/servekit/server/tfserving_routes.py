@@ -10,13 +10,20 @@ name and never acts as a path separator.
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import unquote
 
-from servekit.core.errors import InvalidInputError, UnimplementedError, shorten
+from servekit.core.errors import InvalidInputError, shorten
 from servekit.core.manager import ModelManager
 from servekit.core.servable import Servable
+from servekit.core.types import InferenceRequest
 from servekit.observability.metrics import UNKNOWN_MODEL
 from servekit.protocols import tfserving
+from servekit.protocols.examples import (
+    classification_results,
+    examples_to_inputs,
+    regression_results,
+)
 from servekit.protocols.jsoncodec import parse_json
 from servekit.server.http import Request, Response, json_response
 
@@ -57,10 +64,29 @@ class TFServingRoutes:
         if request.method != "POST" or verb not in ("predict", "classify", "regress"):
             raise self._malformed(request)
         if verb != "predict":
-            raise UnimplementedError(
-                f"the {verb} API is not supported by this server; use :predict"
-            )
+            return await self._examples(request, name, version, label, verb)
         return await self._predict(request, name, version, label)
+
+    async def _examples(
+        self, request: Request, name: str, version: int | None, label: str | None, verb: str
+    ) -> Response:
+        request.protocol = PROTOCOL
+        request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
+        servable = self._manager.lookup(name, version, label)
+        request.metric_version = str(servable.version)
+        with servable.lease():
+            request.timeout_from_header()
+            body = tfserving.parse_predict_body(parse_json(await request.body()))
+            request.watch_disconnect()
+            tfserving.check_signature_name(body.signature_name)
+            examples, context = tfserving.decode_examples(body, verb)
+            inputs = examples_to_inputs(examples, context, servable.signature)
+            response = await servable.infer(InferenceRequest(inputs, deadline=request.deadline))
+        if verb == "classify":
+            results: Any = classification_results(response.outputs, len(examples))
+        else:
+            results = regression_results(response.outputs, len(examples))
+        return json_response({"results": results})
 
     async def _predict(
         self, request: Request, name: str, version: int | None, label: str | None
