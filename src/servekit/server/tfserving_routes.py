@@ -17,7 +17,6 @@ from servekit.core.errors import InvalidInputError, shorten
 from servekit.core.manager import ModelManager
 from servekit.core.servable import Servable
 from servekit.core.types import InferenceRequest
-from servekit.observability.metrics import UNKNOWN_MODEL
 from servekit.protocols import tfserving
 from servekit.protocols.examples import (
     classification_results,
@@ -26,6 +25,7 @@ from servekit.protocols.examples import (
 )
 from servekit.protocols.jsoncodec import parse_json
 from servekit.server.http import Request, Response, json_response
+from servekit.server.routing import route_inference
 
 PROTOCOL = "tfserving"
 _PATH = re.compile(
@@ -70,10 +70,7 @@ class TFServingRoutes:
     async def _examples(
         self, request: Request, name: str, version: int | None, label: str | None, verb: str
     ) -> Response:
-        request.protocol = PROTOCOL
-        request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
-        servable = self._manager.lookup(name, version, label)
-        request.metric_version = str(servable.version)
+        servable = route_inference(request, self._manager, PROTOCOL, name, version, label)
         with servable.lease():
             request.timeout_from_header()
             body = tfserving.parse_predict_body(parse_json(await request.body()))
@@ -91,12 +88,7 @@ class TFServingRoutes:
     async def _predict(
         self, request: Request, name: str, version: int | None, label: str | None
     ) -> Response:
-        request.protocol = PROTOCOL
-        request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
-        # The model is resolved before the body is read, so an unknown model is a 404 whatever
-        # the body holds, and every later error is counted under the version.
-        servable = self._manager.lookup(name, version, label)
-        request.metric_version = str(servable.version)
+        servable = route_inference(request, self._manager, PROTOCOL, name, version, label)
         with servable.lease():
             return await self._run(request, servable)
 

@@ -15,10 +15,10 @@ from urllib.parse import unquote
 from servekit.core.errors import InvalidInputError, NotFoundError, shorten
 from servekit.core.manager import ModelManager
 from servekit.core.servable import Servable, State
-from servekit.observability.metrics import UNKNOWN_MODEL
 from servekit.protocols import v2
 from servekit.protocols.jsoncodec import parse_json
 from servekit.server.http import Request, Response, json_response, require_method
+from servekit.server.routing import route_inference
 
 PROTOCOL = "v2"
 _DIGITS = re.compile("[0-9]+")
@@ -127,10 +127,7 @@ class V2Routes:
     async def _infer(
         self, request: Request, name: str, version: int | None, label: str | None
     ) -> Response:
-        request.protocol = PROTOCOL
-        request.metric_model = name if self._manager.knows(name) else UNKNOWN_MODEL
-        servable = self._manager.lookup(name, version, label)
-        request.metric_version = str(servable.version)
+        servable = route_inference(request, self._manager, PROTOCOL, name, version, label)
         with servable.lease():
             return await self._run(request, servable)
 
