@@ -116,4 +116,24 @@ def test_reload_applies_complete_state(tmp_path: Path) -> None:
     assert predict(url, "/v1/models/plus:predict").status_code == 200
     server.stop()
     assert "invalid model config file" in server.log
-    assert "model twoin is no longer configured" in server.log
+    assert "model twoin at" in server.log
+    assert "is no longer configured" in server.log
+
+
+def test_new_base_path_unloads_old_versions(tmp_path: Path) -> None:
+    write_models(tmp_path)
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list { config { name: "plus" base_path: "models/adder" } }')
+    server = ServerProcess(
+        "--model_config_file", str(config), "--model_config_file_poll_wait_seconds", "0.3"
+    )
+    url = server.url
+    config.write_text('model_config_list { config { name: "plus" base_path: "models/other" } }')
+    wait_for(
+        lambda: (
+            predict(url, "/v1/models/plus:predict").json().get("predictions")
+            == [[11.0, 12.0, 13.0]]
+        )
+    )
+    server.stop()
+    assert "unloaded model plus version 2" in server.log

@@ -104,7 +104,7 @@ SWEEP_SECONDS = 0.05
 # A batch this slow sends a servable back to its instance threads straight away.
 _INLINE_ABORT_SECONDS = 0.005
 _NO_KEY = object()
-_SKIPPED = DeadlineExceededError("the request was answered before its rows ran")
+_SKIPPED = DeadlineExceededError("the request already had its response before its rows ran")
 _INLINE_AFTER_BATCHES = 16
 _AVERAGE_WEIGHT = 0.1
 
@@ -133,7 +133,7 @@ class Batcher:
         self._metrics = metrics
         self._queue: deque[_Task] = deque()
         self._queued_rows = 0
-        # Requests accepted and not yet answered, and the timer that enforces their deadlines.
+        # Requests accepted and still awaiting a response, and the timer for their deadlines.
         self._pending: set[_Task] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -303,7 +303,7 @@ class Batcher:
         except Exception:
             logger.debug("batch of %d parts failed; running them one by one", len(parts))
         # One request's bad data must not fail the others, so each part runs alone, except
-        # the parts whose request is already answered (expired or abandoned).
+        # the parts whose request already has its response (expired or abandoned).
         return [self._run_part(part) if not part[0].future.done() else _SKIPPED for part in parts]
 
     def _run_part(self, part: _Part) -> Arrays | BaseException:

@@ -113,11 +113,3 @@ def shorten(value: str, limit: int = 200) -> str:
     if len(value) <= limit:
         return value
     return value[:limit] + "..."
-
-
-class UnimplementedError(ServekitError):
-    """An API that this server does not provide."""
-
-    http_status = 501
-    grpc_code = "UNIMPLEMENTED"
-    client_error = True

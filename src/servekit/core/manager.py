@@ -75,10 +75,13 @@ class ModelManager:
             if model is None or model.source != source:
                 model = Model(source) if model is None else model.reconfigure(source)
             models[source.name] = model
-        dropped = [model for name, model in current.items() if name not in models]
+        # A model that is gone, or that now reads another base path, unloads its old versions.
+        dropped = [model for name, model in current.items() if models.get(name) is not model]
         self._models = models
         for model in dropped:
-            logger.info("model %s is no longer configured; unloading it", model.name)
+            logger.info(
+                "model %s at %s is no longer configured; unloading it", model.name, model.base_path
+            )
             for servable in model.servables.values():
                 self._unload(servable)
 

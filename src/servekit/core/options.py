@@ -11,7 +11,7 @@ from servekit.runtimes.base import RuntimeOptions
 
 @dataclass(frozen=True, slots=True)
 class ServableOptions:
-    """How one model's versions run: the settings of `servekit.yaml` merged over the flags."""
+    """The execution settings of one model's versions: `servekit.yaml` merged over the flags."""
 
     # Concurrent executions of the runtime, each in its own thread.
     instances: int = 1

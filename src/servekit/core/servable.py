@@ -93,7 +93,7 @@ class Servable:
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: Batcher | None = None
         self._batchable = False
-        # Requests routed to this version and not yet answered (changed on the event loop).
+        # Requests routed to this version that still await a response (event loop only).
         self._leases = 0
         self._options = options
         self._metrics = metrics
@@ -112,12 +112,28 @@ class Servable:
         """Load the version's files; on failure, end in END with the error kept for status."""
         self.state = State.LOADING
         started = time.monotonic()
+        runtime = self._load_runtime()
+        if runtime is None:
+            return
+        self._start(runtime)
+        self.load_seconds = time.monotonic() - started
+        if self.state is State.LOADING:
+            self.state = State.AVAILABLE
+            logger.info(
+                "loaded model %s version %d in %.2f s",
+                self.model_name,
+                self.version,
+                self.load_seconds,
+            )
+
+    def _load_runtime(self) -> Runtime | None:
+        """Load the files and run the warmup; return None after recording a failure."""
         runtime: Runtime | None = None
         try:
             runtime = runtime_for(self.directory, self._options.runtime)
             self._signature = runtime.load(self.directory)
             # Warmup runs before the version is AVAILABLE, so a model that loads but cannot
-            # compute (or computes wrong answers) never takes traffic.
+            # compute (or computes wrong outputs) never takes traffic.
             warmed = run_warmup(self.directory, self._signature, runtime.predict)
             logger.debug(
                 "warmed up model %s version %d with %d requests",
@@ -133,6 +149,18 @@ class Servable:
             if runtime is not None:
                 runtime.unload()
             self.fail(f"failed to load: {reason}", code)
+            return None
+        return runtime
+
+    def _start(self, runtime: Runtime) -> None:
+        """Create the instance threads and the batcher in front of a loaded runtime."""
+        signature = self.signature
+        self._batchable = all(spec.shape and spec.shape[0] == -1 for spec in signature.inputs)
+        try:
+            batching = self._batching_config(signature, runtime.inline_safe)
+        except ValueError as exc:
+            runtime.unload()
+            self.fail(f"invalid batching settings: {exc}")
             return
         self._runtime = runtime
         self.platform = runtime.platform
@@ -140,27 +168,14 @@ class Servable:
         self._executor = ThreadPoolExecutor(
             max_workers=instances, thread_name_prefix=f"servekit-{self.model_name}-{self.version}"
         )
-        self._batchable = all(spec.shape and spec.shape[0] == -1 for spec in self._signature.inputs)
-        try:
-            batching = self._batching_config(self._signature, runtime.inline_safe)
-        except ValueError as exc:
-            runtime.unload()
-            self._executor.shutdown(wait=False)
-            self.fail(f"invalid batching settings: {exc}")
-            return
         self._batcher = Batcher(
             self.model_name,
-            self._signature,
+            signature,
             self._predict,
             self._executor,
             instances,
             batching,
             self._metrics.batcher,
-        )
-        self.load_seconds = time.monotonic() - started
-        self.state = State.AVAILABLE
-        logger.info(
-            "loaded model %s version %d in %.2f s", self.model_name, self.version, self.load_seconds
         )
 
     def fail(self, message: str, code: str = "INVALID_ARGUMENT") -> None:
@@ -178,7 +193,7 @@ class Servable:
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[None]:
-        """Mark a request as routed to this version until it is answered.
+        """Mark a request as routed to this version until its response is sent.
 
         A version being retired waits for its leases, so a request resolved to it just before
         the swap still finishes on it.

@@ -57,8 +57,8 @@ class Metrics:
 
     With several workers, prometheus_client's multiprocess mode keeps each worker's values in
     files under PROMETHEUS_MULTIPROC_DIR (set by the supervisor before the workers start), and
-    every worker's /metrics merges all of them. The standard process collectors only see the
-    answering process there, so each worker publishes its own memory and CPU time instead.
+    every worker's /metrics merges all of them. The standard process collectors only read the
+    process that serves the scrape there, so each worker publishes its own memory and CPU time.
     """
 
     def __init__(self) -> None:

@@ -59,7 +59,7 @@ class ServekitApp:
         self.manager = manager
         self.metrics = metrics
         self.max_request_body_bytes = max_request_body_bytes
-        # Seconds an inference request may take unless it asks for a shorter limit.
+        # Seconds an inference request may take unless its request sets a shorter limit.
         self.request_timeout = request_timeout
         # Seconds between repository scans; 0 scans only at start.
         self.poll_seconds = poll_seconds
@@ -70,7 +70,7 @@ class ServekitApp:
         # Set by the runner once the sockets are bound, for the startup log lines.
         self.address = ""
         self.management_address = ""
-        # The separate management port, if any; then the management API answers only there.
+        # The separate management port, if any. The management API is served only there then.
         self.management_port: int | None = None
         self._sampler: asyncio.Task[None] | None = None
         # Labelled metric children by (model, version, protocol, status), to skip labels().
@@ -139,7 +139,7 @@ class ServekitApp:
             await loop.run_in_executor(None, self.manager.poll)
 
     async def _sample_process(self) -> None:
-        # Workers publish their own memory and CPU time, since no collector sees the others.
+        # Each worker publishes its own memory and CPU time, because no collector reads the others.
         while True:
             self.metrics.sample_process()
             self.manager.record_load()
@@ -158,7 +158,7 @@ class ServekitApp:
         except asyncio.CancelledError:
             if not request.disconnected:
                 raise
-            # The client went away: its queued work is already gone, and nobody reads a reply.
+            # The client disconnected, so its queued work is gone and no response is sent.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             logger.debug("client disconnected while waiting for %s", shorten(request.raw_path))
             self._observe(request, 499, time.perf_counter() - started)

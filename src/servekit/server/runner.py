@@ -143,8 +143,8 @@ def run_worker(
     # the event loop thread holds it. Python makes them wait up to the switch interval (5 ms by
     # default) for every batch; a shorter interval hands the GIL over sooner.
     sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
-    # Casts that overflow are detected explicitly and answered with 400; numpy's warning would
-    # only add noise to the log.
+    # Casts that overflow are detected explicitly and rejected with 400, so numpy's warning
+    # would only add noise to the log.
     np.seterr(over="ignore")
     app = build_app(settings)
     app.address = _address(sock)
@@ -206,7 +206,7 @@ class _Server(uvicorn.Server):
 
 
 class _JsonErrorProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, answering unparsable HTTP with a JSON error body."""
+    """uvicorn's httptools protocol, which rejects unparsable HTTP with a JSON error body."""
 
     def send_400_response(self, msg: str) -> None:
         body = dump_json({"error": f"invalid HTTP request: {msg}"})

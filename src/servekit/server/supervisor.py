@@ -114,7 +114,7 @@ class Supervisor:
             shutil.rmtree(metrics_directory, ignore_errors=True)
             logger.info("all workers stopped")
         if self._failed:
-            raise WorkersFailedError("the workers could not start; the log above says why")
+            raise WorkersFailedError("the workers failed to start; see the log above for why")
 
     def _on_signal(self, sig: int, frame: object) -> None:
         if not self._stopping:
