@@ -31,7 +31,11 @@ test: lint
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -Isrc \
 		-I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))')/_proto \
-		--python_out=src --pyi_out=src src/servekit/config/protos/*.proto
+		--python_out=src --pyi_out=src src/servekit/config/protos/*.proto \
+		src/servekit/protocols/protos/*.proto
+	# The API messages go into servekit's own descriptor pool (see protocols/protos/__init__.py).
+	sed -i 's/^DESCRIPTOR = _descriptor_pool.Default()/from servekit.protocols.protos import POOL\nDESCRIPTOR = POOL/' \
+		src/servekit/protocols/protos/*_pb2.py
 
 # Rebuild the example ONNX models from scikit-learn's bundled digits data.
 models: install

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import pytest
 from tests.toy_models import write_repository
 
 _LISTENING = re.compile(r"serving REST API on (http://\S+)")
+_GRPC_LISTENING = re.compile(r"serving gRPC API on (\S+)")
 STARTUP_SECONDS = 60
 
 
@@ -31,7 +33,12 @@ class ServerProcess:
     running: ClassVar[list[ServerProcess]] = []
 
     def __init__(self, *flags: str) -> None:
-        command = [sys.executable, "-m", "servekit", "serve", "--rest_api_port", "0", *flags]
+        # gRPC stays off (its default port 8500 would be shared by every test server) unless a
+        # test asks for it with --port.
+        grpc = [] if "--port" in flags else ["--port", "0"]
+        command = [
+            sys.executable, "-m", "servekit", "serve", "--rest_api_port", "0", *grpc, *flags
+        ]  # fmt: skip
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
@@ -64,6 +71,16 @@ class ServerProcess:
         return self._url
 
     @property
+    def grpc_address(self) -> str:
+        """The `host:port` of the gRPC API, once the server has started."""
+        self.url  # noqa: B018 (waits for the start)
+        for line in self.lines:
+            match = _GRPC_LISTENING.search(line)
+            if match:
+                return match.group(1)
+        raise RuntimeError("the server does not serve gRPC:\n" + self.log)
+
+    @property
     def log(self) -> str:
         return "".join(self.lines)
 
@@ -94,9 +111,16 @@ def toy_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_repository(tmp_path_factory.mktemp("toy_models"))
 
 
+def free_port() -> int:
+    """A port that is free now, for gRPC, whose port 0 means off rather than any port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
 def toy_server(toy_repository: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess("--model_repository", str(toy_repository))
+    server = ServerProcess("--model_repository", str(toy_repository), "--port", str(free_port()))
     _ = server.url
     yield server
     server.stop()
@@ -104,8 +128,8 @@ def toy_server(toy_repository: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def example_server() -> Iterator[ServerProcess]:
-    """The server as `make serve` starts it: the built-in example models."""
-    server = ServerProcess()
+    """The server as `make serve` starts it: the built-in example models, REST and gRPC."""
+    server = ServerProcess("--port", str(free_port()))
     _ = server.url
     yield server
     server.stop()

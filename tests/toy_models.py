@@ -200,6 +200,9 @@ def write_repository(root: Path) -> Path:
     _write_python(root, "echo", ECHO_SOURCE.format(shape=[-1]))
     _write_python(root, "echo2d", ECHO_SOURCE.format(shape=[-1, 1]))
     _write_python(root, "identity", IDENTITY_SOURCE.format(types=ALL_TYPES))
+    # FP16 has no typed field in V2 gRPC, so a typed request cannot feed `identity`.
+    typed = [name for name in ALL_TYPES if name != "FP16"]
+    _write_python(root, "identity_typed", IDENTITY_SOURCE.format(types=typed))
     return root
 
 

@@ -33,8 +33,8 @@ def serve(**flags: Any) -> None:
     configure_logging(settings.log_level, settings.log_format, settings.access_log)
     # Imported after logging is set up, and only for this command, because it loads uvicorn.
     from servekit.config.model_config import ConfigError
-    from servekit.server.runner import BindError
     from servekit.server.runner import serve as run_server
+    from servekit.server.sockets import BindError
     from servekit.server.supervisor import WorkersFailedError
 
     try:

@@ -29,6 +29,19 @@ class ServerSettings(BaseSettings):
         "127.0.0.1",
         description="Address the REST API binds to; use 0.0.0.0 to accept remote clients.",
     )
+    port: int = Field(
+        8500,
+        ge=0,
+        le=65535,
+        description="Port of the gRPC API (TF Serving's and KServe V2's services); 0 turns "
+        "gRPC off. It binds to the --rest_api_host address.",
+    )
+    grpc_max_message_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES,
+        gt=0,
+        description="Largest gRPC message received or sent, in bytes; larger ones fail with "
+        "RESOURCE_EXHAUSTED.",
+    )
     model_name: str = Field(
         "default", description="Name clients use for the model at --model_base_path."
     )
@@ -140,6 +153,8 @@ class ServerSettings(BaseSettings):
         for path in (self.model_base_path, self.model_repository):
             if path is not None and not path.is_dir():
                 raise ValueError(f"model directory {path} does not exist or is not a directory")
+        if self.port != 0 and self.port == self.rest_api_port:
+            raise ValueError(f"--port and --rest_api_port must differ (both are {self.port})")
         batching_file = self.batching_parameters_file
         if batching_file is not None and not batching_file.is_file():
             raise ValueError(f"batching parameters file {batching_file} does not exist")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -70,6 +71,8 @@ class Metrics:
             self.registry = CollectorRegistry(auto_describe=True)
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
+        # Labelled children by (model, version, protocol, code), to skip labels() per request.
+        self._request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
             "servekit_requests",
             "Inference requests, by model, version, protocol and HTTP status code.",
@@ -157,6 +160,23 @@ class Metrics:
             registry=None,
             multiprocess_mode="liveall",
         )
+
+    def observe_request(
+        self, model: str, version: str, protocol: str, code: int, elapsed: float
+    ) -> None:
+        """Count one answered request and its latency.
+
+        `code` is the HTTP status, or for gRPC the HTTP status of the same outcome (200 for OK,
+        404 for NOT_FOUND, ...), so one query covers both transports.
+        """
+        key = (model, version, protocol, code)
+        children = self._request_children.get(key)
+        if children is None:
+            labels = (model, version, protocol, str(code))
+            children = (self.requests.labels(*labels), self.request_duration.labels(*labels))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
 
     def set_state(self, model: str, version: str, state: str) -> None:
         """Mark `state` as the current lifecycle state of one version."""

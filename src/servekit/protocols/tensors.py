@@ -41,7 +41,7 @@ def array_from_json(
     except (ValueError, TypeError, RecursionError):
         array = None
     if array is not None and _kind_fits(array, datatype):
-        return _cast(array, datatype, name)
+        return cast_checked(array, datatype, name)
     # Slow path: find the exact problem, or convert values numpy could not type (huge ints).
     shape, leaves = nested_shape(value, name)
     for leaf in leaves:
@@ -50,7 +50,7 @@ def array_from_json(
         array = np.array(value, dtype=np.float64 if datatype.numpy_dtype.kind == "f" else object)
     except (ValueError, OverflowError) as exc:
         raise InvalidInputError(f"{name} has invalid values: {exc}") from None
-    return _cast(array.reshape(shape), datatype, name)
+    return cast_checked(array.reshape(shape), datatype, name)
 
 
 def _kind_fits(array: np.ndarray[Any, Any], datatype: DataType) -> bool:
@@ -65,7 +65,10 @@ def _kind_fits(array: np.ndarray[Any, Any], datatype: DataType) -> bool:
     return kind in "biuf"
 
 
-def _cast(array: np.ndarray[Any, Any], datatype: DataType, name: str) -> np.ndarray[Any, Any]:
+def cast_checked(
+    array: np.ndarray[Any, Any], datatype: DataType, name: str
+) -> np.ndarray[Any, Any]:
+    """Convert to `datatype`; integers out of its range or floats too large for it are a 400."""
     target = datatype.numpy_dtype
     if target.kind in "iu" and array.size:
         info = np.iinfo(target)
@@ -122,6 +125,8 @@ def _bytes_array(value: Any, name: str, allow_b64: bool) -> np.ndarray[Any, Any]
 def _bytes_element(leaf: Any, name: str, allow_b64: bool) -> bytes:
     if isinstance(leaf, str):
         return leaf.encode()
+    if isinstance(leaf, bytes):
+        return leaf  # from a protobuf message: gRPC examples carry bytes features
     if allow_b64 and is_b64_object(leaf):
         return decode_b64(leaf["b64"], name)
     hint = ' or {"b64": "..."} objects' if allow_b64 else ""

@@ -153,7 +153,7 @@ def _decode_inputs(value: Any, reader: _BinaryReader) -> dict[str, np.ndarray[An
 def _decode_tensor(
     tensor: dict[str, Any], label: str, reader: _BinaryReader
 ) -> np.ndarray[Any, Any]:
-    shape = _shape(tensor.get("shape"), label)
+    shape = check_shape(tensor.get("shape"), label)
     if "datatype" not in tensor:
         raise InvalidInputError(f"{label} is missing 'datatype'")
     datatype = DataType.from_v2(tensor["datatype"])
@@ -162,7 +162,7 @@ def _decode_tensor(
     if "binary_data_size" in parameters:
         if "data" in tensor:
             raise InvalidInputError(f"{label} has both 'data' and 'binary_data_size'")
-        return reader.read(parameters["binary_data_size"], datatype, shape, count, label)
+        return reader.read(parameters["binary_data_size"], datatype, shape, label)
     if "data" not in tensor:
         raise InvalidInputError(f"{label} is missing 'data'")
     array = array_from_json(tensor["data"], datatype, label, allow_b64=False)
@@ -173,7 +173,8 @@ def _decode_tensor(
     return array.reshape(shape)
 
 
-def _shape(value: Any, label: str) -> tuple[int, ...]:
+def check_shape(value: Any, label: str) -> tuple[int, ...]:
+    """Check that a shape is a list of non-negative integers and return it as a tuple."""
     if not isinstance(value, list):
         raise InvalidInputError(f"{label} needs 'shape' as a list of non-negative integers")
     for dim in value:
@@ -220,7 +221,7 @@ class _BinaryReader:
         self._header_given = header_given
 
     def read(
-        self, size: Any, datatype: DataType, shape: tuple[int, ...], count: int, label: str
+        self, size: Any, datatype: DataType, shape: tuple[int, ...], label: str
     ) -> np.ndarray[Any, Any]:
         if not self._header_given:
             raise InvalidInputError(
@@ -237,17 +238,7 @@ class _BinaryReader:
             )
         chunk = self._data[self._offset : self._offset + size]
         self._offset += size
-        if datatype.is_bytes:
-            return _bytes_elements(chunk, count, label).reshape(shape)
-        expected = count * datatype.numpy_dtype.itemsize
-        if size != expected:
-            raise InvalidInputError(
-                f"{label} declares binary_data_size {size}, but shape {list(shape)} of "
-                f"{datatype.v2_name} needs {expected} bytes"
-            )
-        if datatype is DataType.BOOL:
-            return np.frombuffer(chunk, dtype=np.uint8).astype(bool).reshape(shape)
-        return np.frombuffer(chunk, dtype=datatype.numpy_dtype.newbyteorder("<")).reshape(shape)
+        return decode_raw(chunk, datatype, shape, label)
 
     def finish(self) -> None:
         left = len(self._data) - self._offset
@@ -256,6 +247,28 @@ class _BinaryReader:
                 f"the body has {left} bytes of binary data that no input's binary_data_size "
                 "accounts for"
             )
+
+
+def decode_raw(
+    chunk: bytes | memoryview, datatype: DataType, shape: tuple[int, ...], label: str
+) -> np.ndarray[Any, Any]:
+    """Read a tensor from its raw bytes: little-endian and row-major, or length-prefixed BYTES.
+
+    gRPC's `raw_input_contents` and TF Serving's `tensor_content` use the same layout as the
+    binary extension's chunks.
+    """
+    count = math.prod(shape)
+    if datatype.is_bytes:
+        return _bytes_elements(memoryview(chunk), count, label).reshape(shape)
+    expected = count * datatype.numpy_dtype.itemsize
+    if len(chunk) != expected:
+        raise InvalidInputError(
+            f"{label} has {len(chunk)} bytes of data, but shape {list(shape)} of "
+            f"{datatype.v2_name} needs {expected} bytes"
+        )
+    if datatype is DataType.BOOL:
+        return np.frombuffer(chunk, dtype=np.uint8).astype(bool).reshape(shape)
+    return np.frombuffer(chunk, dtype=datatype.numpy_dtype.newbyteorder("<")).reshape(shape)
 
 
 def _bytes_elements(chunk: memoryview, count: int, label: str) -> np.ndarray[Any, Any]:
@@ -295,7 +308,7 @@ def encode_infer(
             "shape": list(array.shape),
         }
         if options.is_binary(name):
-            chunk = _binary_chunk(array)
+            chunk = encode_raw(array)
             tensor["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
@@ -326,7 +339,8 @@ def _json_data(name: str, array: np.ndarray[Any, Any]) -> Any:
         ) from None
 
 
-def _binary_chunk(array: np.ndarray[Any, Any]) -> bytes:
+def encode_raw(array: np.ndarray[Any, Any]) -> bytes:
+    """Write a tensor's raw bytes in the layout `decode_raw` reads."""
     if array.dtype != object:
         return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
     parts: list[bytes] = []

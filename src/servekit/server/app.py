@@ -7,13 +7,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from servekit.config.model_config import ConfigError
 from servekit.core.errors import NotFoundError, ServekitError, shorten
 from servekit.core.manager import ModelManager
 from servekit.observability.metrics import CONTENT_TYPE, Metrics
 from servekit.repository.layout import ModelSource
+from servekit.server.grpc_server import GrpcServer
 from servekit.server.http import (
     ClientDisconnectedError,
     Receive,
@@ -73,8 +73,8 @@ class ServekitApp:
         # The separate management port, if any. The management API is served only there then.
         self.management_port: int | None = None
         self._sampler: asyncio.Task[None] | None = None
-        # Labelled metric children by (model, version, protocol, status), to skip labels().
-        self._request_metrics: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+        # The gRPC server, if the runner set one up; it starts once the models are loaded.
+        self.grpc: GrpcServer | None = None
         self._tfserving = TFServingRoutes(manager)
         self._v2 = V2Routes(manager, management, lambda: self.management_port)
 
@@ -94,6 +94,9 @@ class ServekitApp:
                 for task in (self._sampler, self._poller, self._reloading):
                     if task is not None:
                         task.cancel()
+                if self.grpc is not None:
+                    # Calls still running get as long as any request may take.
+                    await self.grpc.stop(self.request_timeout)
                 await asyncio.get_running_loop().run_in_executor(None, self.manager.unload_all)
                 logger.info("servekit stopped")
                 await send({"type": "lifespan.shutdown.complete"})
@@ -111,6 +114,9 @@ class ServekitApp:
             self._reloading = loop.create_task(self._reload_config(self._reloader))
         if self.management_address:
             logger.info("serving management API on %s", self.management_address)
+        if self.grpc is not None:
+            await self.grpc.start()
+            logger.info("serving gRPC API on %s", self.grpc.address)
         logger.info("serving REST API on %s", self.address or "an ASGI server")
 
     async def _reload_config(self, reloader: ConfigReloader) -> None:
@@ -200,19 +206,10 @@ class ServekitApp:
         raise NotFoundError(f"unknown path {shorten(path)}")
 
     def _observe(self, request: Request, status: int, elapsed: float) -> None:
-        if request.metric_model is None:
-            return
-        key = (request.metric_model, request.metric_version, request.protocol, status)
-        children = self._request_metrics.get(key)
-        if children is None:
-            labels = (*key[:3], str(status))
-            children = (
-                self.metrics.requests.labels(*labels),
-                self.metrics.request_duration.labels(*labels),
+        if request.metric_model is not None:
+            self.metrics.observe_request(
+                request.metric_model, request.metric_version, request.protocol, status, elapsed
             )
-            self._request_metrics[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
 
     @staticmethod
     def _log_error(request: Request, exc: ServekitError) -> None:

@@ -1,15 +1,30 @@
-"""The step every inference route shares: find the servable and label the request's metrics."""
+"""The steps every inference route shares, whatever the protocol."""
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from servekit.core.manager import ModelManager
 from servekit.core.servable import Servable
+from servekit.core.types import InferenceRequest
 from servekit.observability.metrics import UNKNOWN_MODEL
-from servekit.server.http import Request
+from servekit.protocols.examples import (
+    classification_results,
+    examples_to_inputs,
+    regression_results,
+)
+
+
+class MetricLabels(Protocol):
+    """The labels a request is counted under: an HTTP request or a gRPC call."""
+
+    protocol: str
+    metric_model: str | None
+    metric_version: str
 
 
 def route_inference(
-    request: Request,
+    request: MetricLabels,
     manager: ModelManager,
     protocol: str,
     name: str,
@@ -26,3 +41,18 @@ def route_inference(
     servable = manager.lookup(name, version, label)
     request.metric_version = str(servable.version)
     return servable
+
+
+async def run_examples(
+    servable: Servable,
+    examples: list[dict[str, Any]],
+    context: dict[str, Any],
+    method: str,
+    deadline: float | None,
+) -> Any:
+    """Run TF Serving's classify or regress on examples; REST and gRPC both call this."""
+    inputs = examples_to_inputs(examples, context, servable.signature)
+    response = await servable.infer(InferenceRequest(inputs, deadline=deadline))
+    if method == "classify":
+        return classification_results(response.outputs, len(examples))
+    return regression_results(response.outputs, len(examples))

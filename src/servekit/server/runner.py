@@ -1,4 +1,4 @@
-"""Start the HTTP server for a set of settings and run it until SIGINT or SIGTERM."""
+"""Start the HTTP and gRPC servers for a set of settings and run them until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ from servekit.protocols.jsoncodec import dump_json
 from servekit.repository.layout import ModelSource, sources_in_repository
 from servekit.runtimes.base import RuntimeOptions
 from servekit.server.app import ConfigReloader, ServekitApp
+from servekit.server.grpc_server import CallRunner, GrpcServer
+from servekit.server.grpc_tfserving import TFServingGrpcService
+from servekit.server.grpc_v2 import V2GrpcService
+from servekit.server.sockets import bind, format_host
 
 logger = logging.getLogger(__name__)
 _SWITCH_INTERVAL_SECONDS = 0.0002
-
-
-class BindError(Exception):
-    """The REST address could not be bound (port in use, unknown host, no permission)."""
 
 
 def model_sources(settings: ServerSettings) -> list[ModelSource]:
@@ -153,6 +153,8 @@ def run_worker(
         app.management_port = management.getsockname()[1]
         app.management_address = _address(management)
         sockets.append(management)
+    if settings.port != 0:
+        app.grpc = build_grpc(settings, app)
     config = uvicorn.Config(
         app,
         loop="uvloop",
@@ -162,7 +164,25 @@ def run_worker(
         log_config=None,
         server_header=False,
     )
-    _Server(config).run(sockets=sockets)
+    _Server(config, app.grpc, app.request_timeout).run(sockets=sockets)
+
+
+def build_grpc(settings: ServerSettings, app: ServekitApp) -> GrpcServer:
+    """Set up the gRPC server with both APIs over the app's models and metrics."""
+    runner = CallRunner(app.metrics, app.request_timeout)
+    # The repository methods follow the REST management API, which a separate port confines.
+    management = settings.enable_model_management and settings.model_management_port is None
+    services = {
+        **V2GrpcService(app.manager, management).services(runner),
+        **TFServingGrpcService(app.manager).services(runner),
+    }
+    return GrpcServer(
+        settings.rest_api_host,
+        settings.port,
+        settings.grpc_max_message_bytes,
+        services,
+        reuse_port=settings.workers > 1,
+    )
 
 
 def _address(sock: socket.socket) -> str:
@@ -178,12 +198,31 @@ def bind_management(settings: ServerSettings, reuse_port: bool = False) -> socke
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, exiting with status 0 after a graceful stop.
+    """uvicorn's server, exiting with status 0 after a graceful stop, with the gRPC server.
 
     SIGINT and SIGTERM stop accepting connections, let running requests finish, then run the
     lifespan shutdown that unloads the models. uvicorn itself raises the signal again once it
     has shut down, so the process would end with a signal status; servekit returns instead.
+    The gRPC port is bound before the models load, so a busy port fails the start at once, and
+    stops taking calls at the same moment as the HTTP port.
     """
+
+    def __init__(
+        self, config: uvicorn.Config, grpc: GrpcServer | None, grace_seconds: float
+    ) -> None:
+        super().__init__(config)
+        self._grpc = grpc
+        self._grace_seconds = grace_seconds
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._grpc is not None:
+            self._grpc.bind()
+        await super().serve(sockets)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._grpc is not None:
+            self._grpc.begin_stop(self._grace_seconds)
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -216,23 +255,3 @@ class _JsonErrorProtocol(HttpToolsProtocol):
         )
         self.transport.write(head + body)
         self.transport.close()
-
-
-def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """Bind a TCP socket, raising BindError with the reason when the address is unusable."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        raise BindError(f"cannot listen on {format_host(host)}:{port}: {reason}") from None
-    return sock
-
-
-def format_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

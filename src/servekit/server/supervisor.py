@@ -1,4 +1,4 @@
-"""The supervisor of several worker processes that share the REST port.
+"""The supervisor of several worker processes that share the REST and gRPC ports.
 
 The supervisor binds the port first (so port 0 picks one port for all workers) without
 listening on it, then starts each worker with the `spawn` method, which gives it a fresh
@@ -47,7 +47,8 @@ def _worker_main(
 ) -> None:
     # Runs in the spawned worker: set up logging, bind the shared port and serve.
     from servekit.observability.logging import configure_logging
-    from servekit.server.runner import bind, bind_management, run_worker
+    from servekit.server.runner import bind_management, run_worker
+    from servekit.server.sockets import bind
 
     configure_logging(*log_settings)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -75,7 +76,8 @@ class Supervisor:
 
     def run(self) -> None:
         """Run the workers until SIGTERM or SIGINT, then stop them and return."""
-        from servekit.server.runner import bind, default_options
+        from servekit.server.runner import default_options
+        from servekit.server.sockets import bind
 
         settings = self._settings
         # Invalid settings files stop here with one error, not in every worker over and over.
@@ -85,6 +87,9 @@ class Supervisor:
         with bind(settings.rest_api_host, settings.rest_api_port) as probe:
             port = probe.getsockname()[1]
         placeholder = bind(settings.rest_api_host, port, reuse_port=True)
+        if settings.port != 0:
+            # The workers' gRPC servers share the port with SO_REUSEPORT; prove it free first.
+            bind(settings.rest_api_host, settings.port).close()
         management = None
         if settings.model_management_port is not None:
             host = settings.model_management_host

@@ -10,22 +10,15 @@ name and never acts as a path separator.
 from __future__ import annotations
 
 import re
-from typing import Any
 from urllib.parse import unquote
 
 from servekit.core.errors import InvalidInputError, shorten
 from servekit.core.manager import ModelManager
 from servekit.core.servable import Servable
-from servekit.core.types import InferenceRequest
 from servekit.protocols import tfserving
-from servekit.protocols.examples import (
-    classification_results,
-    examples_to_inputs,
-    regression_results,
-)
 from servekit.protocols.jsoncodec import parse_json
 from servekit.server.http import Request, Response, json_response
-from servekit.server.routing import route_inference
+from servekit.server.routing import route_inference, run_examples
 
 PROTOCOL = "tfserving"
 _PATH = re.compile(
@@ -77,12 +70,7 @@ class TFServingRoutes:
             request.watch_disconnect()
             tfserving.check_signature_name(body.signature_name)
             examples, context = tfserving.decode_examples(body, verb)
-            inputs = examples_to_inputs(examples, context, servable.signature)
-            response = await servable.infer(InferenceRequest(inputs, deadline=request.deadline))
-        if verb == "classify":
-            results: Any = classification_results(response.outputs, len(examples))
-        else:
-            results = regression_results(response.outputs, len(examples))
+            results = await run_examples(servable, examples, context, verb, request.deadline)
         return json_response({"results": results})
 
     async def _predict(

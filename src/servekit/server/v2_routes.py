@@ -59,7 +59,8 @@ class V2Routes:
         if match is None:
             raise NotFoundError(f"unknown path {shorten(path)}")
         name = unquote(match["name"])
-        version, label = _target(match["version"])
+        version_text = match["version"]
+        version, label = parse_version(unquote(version_text) if version_text else None)
         action = match["action"]
         if action == "/infer":
             require_method(request, "POST")
@@ -171,11 +172,10 @@ def _label_request(document: Any) -> tuple[str, int]:
     return label, version
 
 
-def _target(text: str | None) -> tuple[int | None, str | None]:
+def parse_version(text: str | None) -> tuple[int | None, str | None]:
     """Read a V2 version string: a version number, or a label such as `stable`."""
     if text is None:
         return None, None
-    text = unquote(text)
     if _DIGITS.fullmatch(text):
         return int(text), None
     if _LABEL.fullmatch(text):
