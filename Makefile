@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install serve test lint models protos bench clean
+.PHONY: install serve test test-compat lint models protos bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,15 @@ lint: install
 test: lint
 	$(BIN)/pytest
 
+# TF Serving's official client (tensorflow-serving-api, which pulls in tensorflow) against
+# servekit's gRPC API, from an environment of its own; not part of `make test`.
+COMPAT := .venv-compat
+test-compat: install
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install --quiet tensorflow-serving-api pytest pytest-timeout
+	SERVEKIT_PYTHON=$(BIN)/python $(COMPAT)/bin/pytest --noconftest -p no:cacheprovider \
+		-o addopts= tests/compat
+
 # Regenerate the Python code of the .proto files (needs the dev extra's grpcio-tools).
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -Isrc \
@@ -42,7 +51,7 @@ models: install
 	$(BIN)/python -m servekit.examples.build
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(COMPAT) .mypy_cache .ruff_cache .pytest_cache
 
 # Throughput against baselines (needs wrk: apt-get install wrk); see docs/benchmarks.md.
 bench: install
