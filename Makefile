@@ -53,6 +53,8 @@ models: install
 clean:
 	rm -rf $(VENV) $(COMPAT) .mypy_cache .ruff_cache .pytest_cache
 
-# Throughput against baselines (needs wrk: apt-get install wrk); see docs/benchmarks.md.
+# Throughput against baselines and across protocols (needs wrk and h2load:
+# apt-get install wrk nghttp2-client); see docs/benchmarks.md.
 bench: install
 	$(BIN)/python benchmarks/run_throughput.py
+	$(BIN)/python benchmarks/run_protocols.py

@@ -121,10 +121,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def servekit_command(repository: Path, port: int, workers: int) -> list[str]:
+def servekit_command(repository: Path, port: int, workers: int, grpc_port: int = 0) -> list[str]:
+    """Return the command that serves `repository`, with gRPC only if `grpc_port` is given."""
     return [
         sys.executable, "-m", "servekit", "serve", "--model_repository", str(repository),
-        "--rest_api_port", str(port), "--workers", str(workers), "--log_level", "warning",
+        "--rest_api_port", str(port), "--port", str(grpc_port), "--workers", str(workers),
+        "--log_level", "warning",
     ]  # fmt: skip
 
 

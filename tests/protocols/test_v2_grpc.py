@@ -156,7 +156,7 @@ def test_typed_contents_round_trip(stub: service_pb2_grpc.GRPCInferenceServiceSt
         for datatype, (field, values) in TYPED_VALUES.items()
     ]
     response = stub.ModelInfer(typed_request("identity_typed", tensors), timeout=30)
-    # A typed request gets a typed answer.
+    # A typed request gets a typed response.
     assert not response.raw_output_contents
     outputs = {output.name: output for output in response.outputs}
     for datatype, (field, values) in TYPED_VALUES.items():
@@ -264,7 +264,7 @@ def test_not_found_and_bad_versions(client: triton.InferenceServerClient) -> Non
     with pytest.raises(InferenceServerException) as caught:
         client.infer("adder", [x], outputs=[triton.InferRequestedOutput("nope")])
     assert grpc_code(caught.value) == "StatusCode.INVALID_ARGUMENT"
-    # The server is still up and answering.
+    # The server is still up and serving.
     assert client.is_server_live()
 
 
@@ -314,7 +314,9 @@ def test_deadline_exceeded(slow_server: ServerProcess) -> None:
             client.infer("slow", [slow_input(1.0)], client_timeout=0.3)
         assert grpc_code(caught.value) == "StatusCode.DEADLINE_EXCEEDED"
         assert time.monotonic() - started < 0.9
-        # The next call is answered normally.
+        timed_out = 'servekit_requests_total{code="504",model="slow",protocol="grpc"'
+        assert metric(slow_server, timed_out) >= 1
+        # The next call succeeds.
         result = client.infer("slow", [slow_input(0.0)], client_timeout=10)
         assert result.as_numpy("y").tolist() == [[0.0]]
     finally:

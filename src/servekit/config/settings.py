@@ -69,6 +69,11 @@ class ServerSettings(BaseSettings):
     tensorflow_inter_op_parallelism: int = Field(
         0, ge=0, description="Operators a runtime runs at once; 0 lets it choose."
     )
+    runtime_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's idle threads busy-wait for the next call: slightly "
+        "faster wake-ups, but a core kept busy that the server's own threads then lack.",
+    )
     file_system_poll_wait_seconds: float = Field(
         1.0,
         ge=0,

@@ -18,6 +18,8 @@ class RuntimeOptions:
 
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    # Whether idle intra-op threads busy-wait for the next call instead of sleeping.
+    spinning: bool = False
 
 
 class Runtime(Protocol):

@@ -47,6 +47,10 @@ class OnnxRuntime:
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = self._options.intra_op_threads
         session_options.inter_op_num_threads = self._options.inter_op_threads
+        if not self._options.spinning:
+            # Spinning threads keep a core busy after every call, which the event loop and
+            # the other instances then lack on a machine with few cores.
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(
             str(directory / self.model_file),
             sess_options=session_options,

@@ -24,10 +24,13 @@ from servekit.observability.metrics import Metrics
 from servekit.server.sockets import BindError
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("servekit.access")
 
 PROTOCOL = "grpc"
-# The HTTP status recorded in the metrics for a call the client cancelled, as nginx logs it.
+# The HTTP statuses recorded for a call the client cancelled (as nginx logs it) and for one
+# whose deadline passed.
 _CLIENT_CLOSED = 499
+_DEADLINE = 504
 _INTERNAL_MESSAGE = "internal error; the server log has details"
 
 
@@ -81,21 +84,22 @@ class CallRunner:
         try:
             response = await handler(request, call)
         except asyncio.CancelledError:
-            self._observe(call, _CLIENT_CLOSED, started)
-            logger.debug("gRPC call %s cancelled by the client", method)
+            # gRPC cancels the handler when the client cancels or its deadline passes.
+            expired = call.deadline is not None and time.monotonic() >= call.deadline
+            self._observe(call, method, _DEADLINE if expired else _CLIENT_CLOSED, started)
             raise
         except ServekitError as exc:
-            self._observe(call, exc.http_status, started)
+            self._observe(call, method, exc.http_status, started)
             if exc.client_error:
                 logger.warning("gRPC %s -> %s: %s", method, exc.grpc_code, exc.message)
             await context.abort(
                 grpc.StatusCode[exc.grpc_code], exc.message, _trailing_metadata(exc)
             )
         except Exception:
-            self._observe(call, 500, started)
+            self._observe(call, method, 500, started)
             logger.exception("unhandled error in gRPC %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE)
-        self._observe(call, 200, started)
+        self._observe(call, method, 200, started)
         return response
 
     def _deadline(self, context: grpc.aio.ServicerContext[Any, Any]) -> float:
@@ -105,12 +109,14 @@ class CallRunner:
             limit = min(limit, max(0.0, remaining))
         return time.monotonic() + limit
 
-    def _observe(self, call: GrpcCall, code: int, started: float) -> None:
+    def _observe(self, call: GrpcCall, method: str, code: int, started: float) -> None:
+        elapsed = time.perf_counter() - started
         if call.metric_model is not None:
-            elapsed = time.perf_counter() - started
             self._metrics.observe_request(
                 call.metric_model, call.metric_version, call.protocol, code, elapsed
             )
+        if access_logger.isEnabledFor(logging.INFO):
+            access_logger.info("gRPC %s %d %.1fms", method, code, elapsed * 1000)
 
 
 def _serialize(message: Message) -> bytes:

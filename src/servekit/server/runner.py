@@ -58,6 +58,7 @@ def default_options(settings: ServerSettings) -> ServableOptions:
     runtime = RuntimeOptions(
         intra_op_threads=settings.tensorflow_intra_op_parallelism,
         inter_op_threads=settings.tensorflow_inter_op_parallelism,
+        spinning=settings.runtime_spinning,
     )
     batching = BatchingConfig(enabled=settings.enable_batching)
     instances = settings.instances
