@@ -90,8 +90,8 @@ class CallRunner:
             raise
         except ServekitError as exc:
             self._observe(call, method, exc.http_status, started)
-            if exc.client_error:
-                logger.warning("gRPC %s -> %s: %s", method, exc.grpc_code, exc.message)
+            # Server faults were already logged with their traceback where they were caught.
+            logger.warning("gRPC %s -> %s: %s", method, exc.grpc_code, exc.message)
             await context.abort(
                 grpc.StatusCode[exc.grpc_code], exc.message, _trailing_metadata(exc)
             )
