@@ -286,6 +286,9 @@ def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     """A server with a model that sleeps for its input's seconds, one call at a time."""
     root = tmp_path_factory.mktemp("grpc_slow")
     write_python_model(root, "slow", SLOW_SOURCE, "batching: {enabled: false}\n")
+    write_python_model(
+        root, "slow_short_queue", SLOW_SOURCE, "batching: {enabled: false, max_queue_size: 1}\n"
+    )
     write_adder(root)
     server = ServerProcess(
         "--model_repository", str(root),
@@ -337,6 +340,28 @@ def test_timeout_parameter(slow_server: ServerProcess) -> None:
         assert grpc_code(caught.value) == "StatusCode.DEADLINE_EXCEEDED"
     finally:
         client.close()
+
+
+def test_full_queue_is_resource_exhausted(slow_server: ServerProcess) -> None:
+    with grpc.insecure_channel(slow_server.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def call(seconds: float) -> Any:
+            request = service_pb2.ModelInferRequest(model_name="slow_short_queue")
+            tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+            tensor.contents.fp32_contents.append(seconds)
+            return stub.ModelInfer.future(request, timeout=30)
+
+        busy = call(0.5)
+        time.sleep(0.1)
+        queued = call(0.0)
+        time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(0.0).result()
+        busy.result()
+        queued.result()
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("retry-after", "1") in caught.value.trailing_metadata()
 
 
 def test_cancelled_call_leaves_the_queue(slow_server: ServerProcess) -> None:
