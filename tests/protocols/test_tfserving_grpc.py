@@ -196,6 +196,37 @@ def test_malformed_tensors(client: Client) -> None:
     assert "out of range" in expect_error(client.predict, request, grpc.StatusCode.INVALID_ARGUMENT)
 
 
+def test_fill_from_one_value_is_bounded(client: Client) -> None:
+    tensor = tf.TensorProto(dtype=tf.DT_FLOAT, float_val=[1.0])
+    for size in (2**25, 3):
+        tensor.tensor_shape.dim.add(size=size)
+    details = expect_error(
+        client.predict, predict_request("adder", x=tensor), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert "from one value" in details
+
+
+@pytest.mark.parametrize(("shape", "expected"), [([0, 2**62], "too large"), ([1] * 70, "70")])
+def test_unrepresentable_shapes(client: Client, shape: list[int], expected: str) -> None:
+    tensor = tf.TensorProto(dtype=tf.DT_FLOAT)
+    for size in shape:
+        tensor.tensor_shape.dim.add(size=size)
+    if 0 not in shape:
+        tensor.float_val.append(1.0)
+    details = expect_error(
+        client.predict, predict_request("adder", x=tensor), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert expected in details
+
+
+def test_typed_field_hint(client: Client) -> None:
+    tensor = typed_tensor(np.array([1, 2]), tf.DT_UINT64, "int64_val")
+    request = pb.PredictRequest(model_spec=pb.ModelSpec(name="identity"))
+    request.inputs["uint64"].CopyFrom(tensor)
+    details = expect_error(client.predict, request, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "DT_UINT64 values go in uint64_val, not int64_val" in details
+
+
 def test_signature_and_output_filter_errors(client: Client) -> None:
     request = predict_request("adder", x=content_tensor(X, tf.DT_FLOAT))
     request.model_spec.signature_name = "other"

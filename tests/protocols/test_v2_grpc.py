@@ -64,6 +64,7 @@ def test_model_ready(client: triton.InferenceServerClient) -> None:
     assert client.is_model_ready("adder")
     assert client.is_model_ready("adder", "1")
     assert not client.is_model_ready("adder", "9")
+    assert not client.is_model_ready("adder", "no_such_label")
     assert not client.is_model_ready("no_such_model")
 
 
@@ -209,6 +210,10 @@ def triton_dtype(datatype: str) -> Any:
         ([("x", "FP32", [1, 1], "fp32_contents", [1.0])], "shape [1, 1]"),
         ([("x", "FP32", [-1, 3], "fp32_contents", [1.0] * 3)], "shape"),
         ([("x", "FP32", [1, 3], "fp32_contents", [1.0] * 3)] * 2, "more than once"),
+        ([("x", "FP32", [0, 2**62], "fp32_contents", [])], "too large"),
+        ([("x", "FP32", [1] * 70, "fp32_contents", [1.0])], "70 dimensions"),
+        ([("x" * 20000, "FP32", [1, 3], "fp32_contents", [1.0] * 3)], "unknown input"),
+        ([("x", "F" * 20000, [1, 3], "fp32_contents", [1.0] * 3)], "invalid datatype"),
         ([], "no inputs"),
     ],
 )
@@ -248,6 +253,17 @@ def test_invalid_raw_contents(
         stub.ModelInfer(request, timeout=30)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert expected in caught.value.details()
+
+
+def test_garbage_bytes_are_invalid_argument(toy_server: ServerProcess) -> None:
+    with grpc.insecure_channel(toy_server.grpc_address) as channel:
+        for method in ("/inference.GRPCInferenceService/ModelInfer",
+                       "/tensorflow.serving.PredictionService/Predict"):  # fmt: skip
+            call = channel.unary_unary(method)
+            with pytest.raises(grpc.RpcError) as caught:
+                call(b"\xff\xff\xff\xff\xff", timeout=30)
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "is not a valid" in caught.value.details()
 
 
 def test_not_found_and_bad_versions(client: triton.InferenceServerClient) -> None:
@@ -388,6 +404,27 @@ def test_cancelled_call_leaves_the_queue(slow_server: ServerProcess) -> None:
     assert metric(slow_server, 'servekit_requests_total{code="499",model="slow"') >= 1
 
 
+def test_response_over_the_size_limit(slow_server: ServerProcess) -> None:
+    from servekit.protocols.protos import tensorflow_pb2, tensorflow_serving_pb2
+
+    # A tiny request whose one value fills 340 x 3 floats: 4,080 bytes fit the 4,096-byte limit,
+    # the response with its framing does not.
+    request = tensorflow_serving_pb2.PredictRequest()
+    request.model_spec.name = "adder"
+    tensor = request.inputs["x"]
+    tensor.dtype = tensorflow_pb2.DT_FLOAT
+    tensor.float_val.append(1.0)
+    for size in (340, 3):
+        tensor.tensor_shape.dim.add(size=size)
+    with grpc.insecure_channel(slow_server.grpc_address) as channel:
+        predict = channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+        with pytest.raises(grpc.RpcError) as caught:
+            predict(request.SerializeToString(), timeout=30)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the response is" in caught.value.details()
+    assert metric(slow_server, 'servekit_requests_total{code="413",model="adder"') >= 1
+
+
 def test_message_size_limit(slow_server: ServerProcess) -> None:
     client = triton.InferenceServerClient(slow_server.grpc_address)
     try:
@@ -410,6 +447,15 @@ def test_repository_index_load_unload(slow_server: ServerProcess) -> None:
         assert not client.is_model_ready("adder")
         client.load_model("adder")
         assert client.is_model_ready("adder")
+        # Settings that leave no version to serve are rejected and undone.
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model("adder", config='{"version_policy": {"specific": [99]}}')
+        assert grpc_code(caught.value) == "StatusCode.INVALID_ARGUMENT"
+        assert "no version matches its version policy" in caught.value.message()
+        assert client.is_model_ready("adder")
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model("adder", files={"file:1/model.onnx": b"x"})
+        assert grpc_code(caught.value) == "StatusCode.INVALID_ARGUMENT"
         with pytest.raises(InferenceServerException) as caught:
             client.load_model("no_such_model")
         assert grpc_code(caught.value) == "StatusCode.NOT_FOUND"

@@ -93,8 +93,10 @@ def test_numeric_id_rejected(toy: httpx.Client) -> None:
     [
         ([2, 3], [1, 2, 3, 4, 5], "5 data elements"),
         ([1, 3], [1, 2, 3, 4, 5, 6], "6 data elements"),
-        ([4294967296, 4294967296], [], "needs 18446744073709551616"),
+        ([4294967296, 4294967296], [], "too large"),
         ([65536, 65536, 0], [], "shape"),
+        ([0, 2**62], [], "too large"),
+        ([1] * 40, [1], "40 dimensions"),
     ],
 )
 def test_shape_and_data_disagree(

@@ -133,6 +133,7 @@ class ModelManager:
             except ValueError as exc:
                 message = f"invalid settings for model {shorten(name)}: {exc}"
                 raise InvalidInputError(message) from None
+            previous = model.source if model is not None and not model.disabled else None
             if model is None:
                 model = Model(source)
                 self._models = {**self._models, name: model}
@@ -143,7 +144,15 @@ class ModelManager:
             servable = model.latest_available()
             if servable is None:
                 newest = model.newest()
-                reason = newest.error_message if newest else "it has no version directories"
+                if newest is None:
+                    reason = "it has no version directories"
+                else:
+                    reason = newest.error_message or "no version matches its version policy"
+                if previous is not None and previous != source:
+                    # Settings that leave nothing to serve are undone, so the model keeps serving.
+                    model.source = previous
+                    model.attempts = {}
+                    self._sync(model, initial=True)
                 raise InvalidInputError(f"failed to load model {shorten(name)}: {reason}")
             return servable
 

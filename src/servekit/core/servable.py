@@ -17,7 +17,13 @@ import numpy as np
 
 from servekit.batching.batcher import Batcher, BatcherMetrics
 from servekit.batching.config import BatchingConfig
-from servekit.core.errors import InternalError, InvalidInputError, ServekitError, UnavailableError
+from servekit.core.errors import (
+    InternalError,
+    InvalidInputError,
+    ServekitError,
+    UnavailableError,
+    shorten,
+)
 from servekit.core.options import ServableOptions
 from servekit.core.types import InferenceRequest, InferenceResponse, Signature
 from servekit.core.warmup import run_warmup
@@ -303,7 +309,7 @@ class Servable:
             if signature.input(name) is None:
                 expected = ", ".join(signature.input_names)
                 raise InvalidInputError(
-                    f"unknown input {name!r}; model {self.model_name} takes: {expected}"
+                    f"unknown input {shorten(name)!r}; model {self.model_name} takes: {expected}"
                 )
         for spec in signature.inputs:
             array = inputs.get(spec.name)
@@ -320,7 +326,7 @@ class Servable:
             if signature.output(name) is None:
                 expected = ", ".join(signature.output_names)
                 raise InvalidInputError(
-                    f"unknown output {name!r}; model {self.model_name} has: {expected}"
+                    f"unknown output {shorten(name)!r}; model {self.model_name} has: {expected}"
                 )
         return requested
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from servekit.core.errors import InvalidInputError
+from servekit.core.errors import InvalidInputError, shorten
 
 
 class DataType(enum.Enum):
@@ -43,7 +43,10 @@ class DataType(enum.Enum):
             return _BY_V2_NAME[name]
         except (KeyError, TypeError):
             known = ", ".join(_BY_V2_NAME)
-            raise InvalidInputError(f"invalid datatype {name!r}: expected one of {known}") from None
+            shown = shorten(name, 40) if isinstance(name, str) else name
+            raise InvalidInputError(
+                f"invalid datatype {shown!r}: expected one of {known}"
+            ) from None
 
     @classmethod
     def from_numpy(cls, dtype: np.dtype[Any]) -> DataType:

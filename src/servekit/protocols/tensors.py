@@ -22,6 +22,19 @@ from servekit.core.types import DataType
 
 # numpy allows 64 dimensions; 32 is far beyond the rank of any model input.
 MAX_RANK = 32
+# Elements in a shape, not counting its zero dimensions; numpy refuses shapes near 2**60 even
+# for empty arrays, and no real tensor comes near this.
+MAX_ELEMENTS = 2**48
+
+
+def check_dims(shape: tuple[int, ...], name: str) -> None:
+    """Reject a shape with more than MAX_RANK dimensions or too many elements to represent."""
+    if len(shape) > MAX_RANK:
+        raise InvalidInputError(
+            f"{name} has {len(shape)} dimensions; at most {MAX_RANK} are allowed"
+        )
+    if math.prod(size for size in shape if size) > MAX_ELEMENTS:
+        raise InvalidInputError(f"{name} has shape {list(shape)}, which is too large")
 
 
 def array_from_json(

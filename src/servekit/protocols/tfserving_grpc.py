@@ -20,7 +20,7 @@ from servekit.core.servable import VersionStatus
 from servekit.core.types import DataType, InferenceRequest, InferenceResponse, Signature, TensorSpec
 from servekit.protocols.protos import tensorflow_pb2 as tf
 from servekit.protocols.protos import tensorflow_serving_pb2 as pb
-from servekit.protocols.tensors import cast_checked
+from servekit.protocols.tensors import cast_checked, check_dims
 from servekit.protocols.tfserving import DEFAULT_SIGNATURE, PREDICT_METHOD
 from servekit.protocols.v2 import decode_raw, encode_raw
 
@@ -75,12 +75,15 @@ def effective_spec(name: str, version: int, signature: str) -> pb.ModelSpec:
     return spec
 
 
-def decode_predict(message: pb.PredictRequest) -> InferenceRequest:
-    """Build the core request from a PredictRequest's input tensors and output filter."""
+def decode_predict(message: pb.PredictRequest, max_bytes: int) -> InferenceRequest:
+    """Build the core request from a PredictRequest's input tensors and output filter.
+
+    `max_bytes` caps a tensor that one typed value fills, as the message size caps the rest.
+    """
     if not message.inputs:
         raise InvalidInputError("the request has no inputs")
     inputs = {
-        name: tensor_to_array(tensor, f"input {shorten(name)!r}")
+        name: tensor_to_array(tensor, f"input {shorten(name)!r}", max_bytes)
         for name, tensor in message.inputs.items()
     }
     outputs = list(message.output_filter)
@@ -90,7 +93,9 @@ def decode_predict(message: pb.PredictRequest) -> InferenceRequest:
     return InferenceRequest(inputs, tuple(outputs) if outputs else None)
 
 
-def tensor_to_array(tensor: tf.TensorProto, label: str) -> np.ndarray[Any, Any]:
+def tensor_to_array(
+    tensor: tf.TensorProto, label: str, max_bytes: int = 64 * 1024 * 1024
+) -> np.ndarray[Any, Any]:
     """Read a TensorProto into a numpy array, checking its shape against its values."""
     datatype = _FROM_PROTO.get(tensor.dtype)
     if datatype is None:
@@ -102,6 +107,7 @@ def tensor_to_array(tensor: tf.TensorProto, label: str) -> np.ndarray[Any, Any]:
     shape = tuple(dim.size for dim in tensor.tensor_shape.dim)
     if any(size < 0 for size in shape):
         raise InvalidInputError(f"{label} has shape {list(shape)}; sizes must be >= 0")
+    check_dims(shape, label)
     if tensor.tensor_content:
         if datatype.is_bytes:
             raise InvalidInputError(f"{label} is DT_STRING, which travels in string_val only")
@@ -110,8 +116,17 @@ def tensor_to_array(tensor: tf.TensorProto, label: str) -> np.ndarray[Any, Any]:
     values = getattr(tensor, field)
     count = math.prod(shape)
     if len(values) not in (count, 1) or (count == 0 and len(values)):
+        filled = [descriptor.name for descriptor, _ in tensor.ListFields()]
+        typed = [name for name in filled if name.endswith("_val") and name != field]
+        hint = f"; {datatype.tf_name} values go in {field}, not {typed[0]}" if typed else ""
         raise InvalidInputError(
-            f"{label} has {len(values)} values in {field}, but shape {list(shape)} needs {count}"
+            f"{label} has {len(values)} values in {field}, but shape {list(shape)} needs "
+            f"{count}{hint}"
+        )
+    if len(values) == 1 and count * datatype.numpy_dtype.itemsize > max_bytes:
+        raise InvalidInputError(
+            f"{label} fills shape {list(shape)} from one value, which would take more than the "
+            f"{max_bytes} bytes a message may carry"
         )
     if datatype.is_bytes:
         array = np.empty(len(values), dtype=object)

@@ -20,7 +20,7 @@ from servekit import __version__
 from servekit.core.errors import InvalidInputError, shorten
 from servekit.core.types import DataType, InferenceRequest, InferenceResponse, Signature, TensorSpec
 from servekit.protocols.jsoncodec import dump_json, parse_json
-from servekit.protocols.tensors import array_from_json, object_array_to_lists
+from servekit.protocols.tensors import array_from_json, check_dims, object_array_to_lists
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data"]
@@ -183,7 +183,9 @@ def check_shape(value: Any, label: str) -> tuple[int, ...]:
                 f"{label} has invalid shape {shorten(str(value), 80)}: each dimension must be "
                 "a non-negative integer"
             )
-    return tuple(value)
+    shape = tuple(value)
+    check_dims(shape, label)
+    return shape
 
 
 def _decode_outputs(

@@ -18,8 +18,15 @@ from typing import Any, Protocol
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
-from servekit.core.errors import OverloadedError, ServekitError
+from servekit.core.errors import (
+    InvalidInputError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ServekitError,
+    shorten,
+)
 from servekit.observability.metrics import Metrics
 from servekit.server.sockets import BindError
 
@@ -32,6 +39,7 @@ PROTOCOL = "grpc"
 _CLIENT_CLOSED = 499
 _DEADLINE = 504
 _INTERNAL_MESSAGE = "internal error; the server log has details"
+_MAX_DETAILS = 2000
 
 
 class Message(Protocol):
@@ -54,35 +62,48 @@ Handler = Callable[[Any, GrpcCall], Awaitable[Any]]
 class CallRunner:
     """Runs a method's handler and turns its outcome into a gRPC status and metrics."""
 
-    def __init__(self, metrics: Metrics, request_timeout: float) -> None:
+    def __init__(self, metrics: Metrics, request_timeout: float, max_message_bytes: int) -> None:
         self._metrics = metrics
         self._request_timeout = request_timeout
+        self._max_message_bytes = max_message_bytes
 
     def unary(
         self, name: str, handler: Handler, request_type: Any
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        """Wrap `handler(request, call)` as the unary-unary gRPC method `name`."""
+        """Wrap `handler(request, call)` as the unary-unary gRPC method `name`.
 
-        async def method(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            return await self._run(name, handler, request, context)
+        The request is parsed inside the handler, so bytes that are not a valid message get
+        INVALID_ARGUMENT instead of grpcio's UNKNOWN with a Python exception name.
+        """
 
-        return grpc.unary_unary_rpc_method_handler(
-            method,
-            request_deserializer=request_type.FromString,
-            response_serializer=_serialize,
-        )
+        async def method(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await self._run(name, handler, request_type, data, context)
+
+        return grpc.unary_unary_rpc_method_handler(method, response_serializer=_serialize)
 
     async def _run(
         self,
         method: str,
         handler: Handler,
-        request: Any,
+        request_type: Any,
+        data: bytes,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> Any:
         started = time.perf_counter()
         call = GrpcCall(self._deadline(context))
         try:
+            try:
+                request = request_type.FromString(data)
+            except DecodeError:
+                name = request_type.DESCRIPTOR.full_name
+                raise InvalidInputError(f"the request is not a valid {name} message") from None
             response = await handler(request, call)
+            size = response.ByteSize()
+            if size > self._max_message_bytes:
+                raise PayloadTooLargeError(
+                    f"the response is {size} bytes, more than the {self._max_message_bytes} "
+                    "a message may carry; ask for fewer rows or outputs"
+                )
         except asyncio.CancelledError:
             # gRPC cancels the handler when the client cancels or its deadline passes.
             expired = call.deadline is not None and time.monotonic() >= call.deadline
@@ -90,11 +111,11 @@ class CallRunner:
             raise
         except ServekitError as exc:
             self._observe(call, method, exc.http_status, started)
+            # Status details travel in a header, which clients reject above 16 KiB.
+            message = shorten(exc.message, _MAX_DETAILS)
             # Server faults were already logged with their traceback where they were caught.
-            logger.warning("gRPC %s -> %s: %s", method, exc.grpc_code, exc.message)
-            await context.abort(
-                grpc.StatusCode[exc.grpc_code], exc.message, _trailing_metadata(exc)
-            )
+            logger.warning("gRPC %s -> %s: %s", method, exc.grpc_code, message)
+            await context.abort(grpc.StatusCode[exc.grpc_code], message, _trailing_metadata(exc))
         except Exception:
             self._observe(call, method, 500, started)
             logger.exception("unhandled error in gRPC %s", method)

@@ -23,8 +23,9 @@ MODEL_SERVICE = "tensorflow.serving.ModelService"
 
 
 class TFServingGrpcService:
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: ModelManager, max_message_bytes: int) -> None:
         self._manager = manager
+        self._max_message_bytes = max_message_bytes
 
     def services(self, runner: CallRunner) -> dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]]:
         """Both services' methods, keyed by service and method name, for the gRPC server."""
@@ -50,7 +51,7 @@ class TFServingGrpcService:
         signature = tfserving_grpc.signature_name(request.model_spec)
         with servable.lease():
             check_signature_name(signature)
-            inference = tfserving_grpc.decode_predict(request)
+            inference = tfserving_grpc.decode_predict(request, self._max_message_bytes)
             inference.deadline = call.deadline
             response = await servable.infer(inference)
         return tfserving_grpc.encode_predict(response, signature)

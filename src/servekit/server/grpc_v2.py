@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from servekit.core.errors import InvalidInputError, NotFoundError
+from servekit.core.errors import InvalidInputError, NotFoundError, shorten
 from servekit.core.manager import ModelManager
 from servekit.core.servable import State
 from servekit.protocols import v2, v2_grpc
@@ -65,7 +65,8 @@ class V2GrpcService:
         version, label = parse_version(request.version or None)
         try:
             servable = self._manager.lookup(request.name, version, label)
-        except NotFoundError:
+        except (NotFoundError, InvalidInputError):
+            # An unknown model, version or label is simply not ready.
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=servable.state is State.AVAILABLE)
 
@@ -107,6 +108,12 @@ class V2GrpcService:
     async def repository_load(self, request: pb.RepositoryModelLoadRequest, call: GrpcCall) -> Any:
         _check_repository(request.repository_name)
         parameters = v2_grpc.decode_parameters(request.parameters)
+        files = sorted(key for key in parameters if key.startswith("file:"))
+        if files:
+            raise InvalidInputError(
+                f"file overrides ({shorten(files[0])}) are not supported; copy the files into "
+                "the model repository instead"
+            )
         override = parameters.get("config")
         if override is not None and not isinstance(override, str):
             raise InvalidInputError("parameter 'config' must be a string of JSON settings")

@@ -170,12 +170,12 @@ def run_worker(
 
 def build_grpc(settings: ServerSettings, app: ServekitApp) -> GrpcServer:
     """Set up the gRPC server with both APIs over the app's models and metrics."""
-    runner = CallRunner(app.metrics, app.request_timeout)
+    runner = CallRunner(app.metrics, app.request_timeout, settings.grpc_max_message_bytes)
     # The repository methods follow the REST management API, which a separate port confines.
     management = settings.enable_model_management and settings.model_management_port is None
     services = {
         **V2GrpcService(app.manager, management).services(runner),
-        **TFServingGrpcService(app.manager).services(runner),
+        **TFServingGrpcService(app.manager, settings.grpc_max_message_bytes).services(runner),
     }
     return GrpcServer(
         settings.rest_api_host,

@@ -77,7 +77,7 @@ class Supervisor:
     def run(self) -> None:
         """Run the workers until SIGTERM or SIGINT, then stop them and return."""
         from servekit.server.runner import default_options
-        from servekit.server.sockets import bind
+        from servekit.server.sockets import BindError, bind
 
         settings = self._settings
         # Invalid settings files stop here with one error, not in every worker over and over.
@@ -89,7 +89,10 @@ class Supervisor:
         placeholder = bind(settings.rest_api_host, port, reuse_port=True)
         if settings.port != 0:
             # The workers' gRPC servers share the port with SO_REUSEPORT; prove it free first.
-            bind(settings.rest_api_host, settings.port).close()
+            try:
+                bind(settings.rest_api_host, settings.port).close()
+            except BindError as exc:
+                raise BindError(f"{exc} (the gRPC port)") from None
         management = None
         if settings.model_management_port is not None:
             host = settings.model_management_host
