@@ -8,8 +8,10 @@ import click
 from pydantic import ValidationError
 
 from servekit import __version__
+from servekit.cli.bench import bench
 from servekit.cli.models import models
 from servekit.cli.options import options_from
+from servekit.cli.tune import tune
 from servekit.config.model_config import describe_validation_error
 from servekit.config.settings import ServerSettings
 from servekit.observability.logging import configure_logging
@@ -44,6 +46,8 @@ def serve(**flags: Any) -> None:
 
 
 cli.add_command(models)
+cli.add_command(bench)
+cli.add_command(tune)
 
 
 def main() -> None:

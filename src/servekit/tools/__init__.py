@@ -1,0 +1,1 @@
+"""Operator tools beside the server: load generation and tuning."""
