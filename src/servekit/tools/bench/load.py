@@ -83,7 +83,7 @@ def _run_share(arguments: tuple[Target, list[Payload], StepPlan]) -> StepResult:
 
 
 async def _run(target: Target, payloads: list[Payload], plan: StepPlan) -> StepResult:
-    async with _sender(target, plan) as send:
+    async with _Client(target, plan) as send:
         if plan.mode == "closed":
             return await _closed_loop(send, payloads, plan)
         return await _open_loop(send, payloads, plan)
@@ -200,7 +200,7 @@ async def _finish(
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-class _sender:
+class _Client:
     """Opens the protocol's client for the step and hands out its `send` function."""
 
     def __init__(self, target: Target, plan: StepPlan) -> None:
