@@ -5,13 +5,15 @@
 servekit (1 worker) serves the small MLP on 127.0.0.1. wrk and `servekit bench` (closed loop,
 the same number of connections, 1 and 2 client processes) post the same TF Serving JSON row to
 it in turn, and the script prints each rate and its ratio to wrk's. Needs wrk. Both send the
-same 784 values; wrk in the row format, servekit bench in the columnar one.
+same 784 values; wrk in the row format, servekit bench in the columnar one. The generators take
+turns for `--rounds` rounds, and the median of each is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians kept")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as name:
         directory = Path(name)
@@ -56,18 +59,26 @@ def main() -> None:
         np.save(row_file, np.array([row], dtype=np.float32))
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        rates = {}
+        samples: dict[str, list[float]] = {}
         with running(servekit_command(repository, port, 1), f"{base}/v2/health/live"):
             wrk(f"{base}/v1/models/mlp:predict", body, args.connections, 2)  # warm-up
-            rates["wrk"] = wrk(
-                f"{base}/v1/models/mlp:predict", body, args.connections, args.seconds
-            )["rps"]
-            for processes in (1, 2):
-                rates[f"servekit bench, {processes} process(es)"] = bench_rate(
-                    base, row_file, args.connections, args.seconds, processes, directory / "b.json"
+            # Rounds interleave the generators, so drift in the machine's speed hits all alike.
+            for _ in range(args.rounds):
+                samples.setdefault("wrk", []).append(
+                    wrk(f"{base}/v1/models/mlp:predict", body, args.connections, args.seconds)[
+                        "rps"
+                    ]
                 )
+                for processes in (1, 2):
+                    samples.setdefault(f"servekit bench, {processes} process(es)", []).append(
+                        bench_rate(
+                            base, row_file, args.connections, args.seconds, processes,
+                            directory / "b.json",
+                        )
+                    )  # fmt: skip
+        rates = {name: statistics.median(values) for name, values in samples.items()}
     print(json.dumps(machine()))
-    print(f"| generator | requests/s at {args.connections} connections | vs wrk |")
+    print(f"| generator | requests/s at {args.connections} connections (median) | vs wrk |")
     print("|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:,.0f} | {rate / rates['wrk']:.2f}x |")
