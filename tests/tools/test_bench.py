@@ -148,3 +148,61 @@ def test_unknown_model_is_a_clear_error(bench_server: ServerProcess) -> None:
     assert result.returncode == 1
     assert "HTTP 404" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "servekit", *arguments],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_usage_errors_are_one_line(bench_server: ServerProcess, tmp_path: Path) -> None:
+    wrong_shape = tmp_path / "wrong.npy"
+    np.save(wrong_shape, np.zeros((4, 5), np.float32))
+    base = [bench_server.url, "--model", "adder", "--duration", "0.3", "--warmup", "0"]
+    cases = [
+        ([*base, "--json", str(tmp_path / "missing" / "r.json")], "does not exist"),
+        ([*base, "--rate", "0:10:5"], "every value must be positive"),
+        ([*base, "--concurrency", "1:2:0.5"], "expected whole numbers"),
+        ([*base, "--input", str(wrong_shape)], "the model expects [3]"),
+        ([bench_server.grpc_address, "--protocol", "grpc", "--model", "nope"], "NOT_FOUND"),
+        ([bench_server.grpc_address, "--protocol", "v2", "--model", "adder"], "REST port"),
+    ]
+    for arguments, expected in cases:
+        result = run_cli("bench", *arguments)
+        assert result.returncode in (1, 2), arguments
+        assert expected in result.stderr, (arguments, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_request_count_is_not_cut_short(bench_server: ServerProcess, tmp_path: Path) -> None:
+    for processes in ("1", "2"):
+        step = bench(
+            bench_server.url, "--model", "adder", "--concurrency", "1", "--requests", "150",
+            "--duration", "0.1", "--warmup", "0", "--timeout", "5", "--processes", processes,
+            tmp_path=tmp_path,
+        )["steps"][0]  # fmt: skip
+        assert step["succeeded"] == 150
+        assert step["errors"] == {}
+
+
+def test_open_loop_stays_inside_the_window(bench_server: ServerProcess, tmp_path: Path) -> None:
+    step = bench(
+        bench_server.url, "--model", "adder", "--rate", "100", "--duration", "1", "--warmup",
+        "0", tmp_path=tmp_path,
+    )["steps"][0]  # fmt: skip
+    assert step["requests"] == 100
+
+
+def test_exit_status_when_every_request_fails(bench_server: ServerProcess, tmp_path: Path) -> None:
+    sleep = str(constant_input(tmp_path, 0.5))
+    result = run_cli(
+        "bench", bench_server.url, "--model", "slow", "--input", sleep, "--concurrency", "1",
+        "--duration", "0.3", "--warmup", "0", "--timeout", "0.1",
+        "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no request succeeded" in result.stderr
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert document["steps"][0]["p50_ms"] is None

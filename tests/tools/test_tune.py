@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -69,3 +70,31 @@ def test_tune_reports_an_unreachable_target(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "no candidate kept p99 under 0.001 ms" in result.stderr
     assert not (tmp_path / "adder" / "servekit.yaml").exists()
+
+
+def test_tune_checks_its_inputs_first(tmp_path: Path) -> None:
+    write_adder(tmp_path)
+    model_dir = tmp_path / "adder"
+    fast = ["--workers", "1", "--instances", "1", "--duration", "0.2", "--warmup", "0"]
+    cases = [
+        (model_dir / "1", "has no version folders"),
+    ]
+    bad_yaml = tmp_path / "bad_yaml"
+    shutil.copytree(model_dir, bad_yaml)
+    (bad_yaml / "servekit.yaml").write_text("batching: [unclosed\n")
+    cases.append((bad_yaml, "is not valid YAML"))
+    bad_key = tmp_path / "bad_key"
+    shutil.copytree(model_dir, bad_key)
+    (bad_key / "servekit.yaml").write_text("bogus_key: 1\n")
+    cases.append((bad_key, "bogus_key"))
+    for folder, expected in cases:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "servekit", "tune", str(folder), "--p99-ms", "20", *fast,
+             "--report", str(tmp_path / "report")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr
+        assert time.monotonic() - started < 15

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,25 +12,48 @@ import click
 from servekit.tools.bench.requests import PROTOCOLS
 
 
-def _numbers(text: str | None, kind: type) -> tuple[Any, ...]:
+def _numbers(text: str | None, kind: type, option: str) -> tuple[Any, ...]:
+    """Read `a,b,c` or `START:STOP:STEP` (STOP included when the steps reach it)."""
     if not text:
         return ()
-    if ":" in text:
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise click.BadParameter(f"{text!r}: a range is START:STOP:STEP")
-        start, stop, step = (float(part) for part in parts)
-        if step <= 0 or stop < start:
-            raise click.BadParameter(f"{text!r}: STEP must be positive and STOP >= START")
-        count = round((stop - start) / step) + 1
-        return tuple(kind(start + index * step) for index in range(count))
     try:
-        values = tuple(kind(item) for item in text.split(","))
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 3:
+                raise click.BadParameter("a range is START:STOP:STEP", param_hint=option)
+            start, stop, step = (kind(part) for part in parts)
+            if step <= 0 or stop < start:
+                raise click.BadParameter(
+                    f"{text!r}: STEP must be positive and STOP >= START", param_hint=option
+                )
+            count = math.floor((stop - start) / step + 1e-9) + 1
+            values = tuple(start + index * step for index in range(count))
+        else:
+            values = tuple(kind(item) for item in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected numbers separated by commas") from None
-    if any(value <= 0 for value in values):
-        raise click.BadParameter(f"{text!r}: every value must be positive")
+        expected = "whole numbers" if kind is int else "numbers"
+        raise click.BadParameter(f"{text!r}: expected {expected}", param_hint=option) from None
+    if any(not math.isfinite(value) or value <= 0 for value in values):
+        raise click.BadParameter(f"{text!r}: every value must be positive", param_hint=option)
     return values
+
+
+def check_extra() -> None:
+    """Raise a one-line error unless the bench extra's packages are installed."""
+    try:
+        import aiohttp  # noqa: F401
+        import matplotlib  # noqa: F401
+        import rich  # noqa: F401
+    except ImportError as exc:
+        raise click.ClickException(
+            f"this command needs the bench extra ({exc.name} is missing): "
+            "pip install 'servekit[bench]'"
+        ) from None
+
+
+def _check_output(path: Path | None, option: str) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise click.BadParameter(f"folder {path.parent} does not exist", param_hint=option)
 
 
 @click.command()
@@ -83,6 +107,10 @@ def bench(url: str, **options: Any) -> None:
 
     Works against servekit or any server speaking TF Serving REST or KServe V2 (REST or gRPC).
     """
+    check_extra()
+    for option, key in (("--json", "json_file"), ("--csv", "csv_file"), ("--plot", "plot_file"),
+                        ("--html", "html_file")):  # fmt: skip
+        _check_output(options[key], option)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -91,8 +119,10 @@ def bench(url: str, **options: Any) -> None:
 
     if options["concurrency"] and options["rate"]:
         raise click.UsageError("give --concurrency or --rate, not both")
-    rates = _numbers(options["rate"], float)
-    concurrency = _numbers(options["concurrency"], int) or (() if rates else (1, 4, 16))
+    rates = _numbers(options["rate"], float, "--rate")
+    concurrency = _numbers(options["concurrency"], int, "--concurrency")
+    if not concurrency and not rates:
+        concurrency = (1, 4, 16)
     protocol = options["protocol"]
     if protocol != "grpc" and not url.startswith(("http://", "https://")):
         url = "http://" + url
@@ -157,6 +187,8 @@ def bench(url: str, **options: Any) -> None:
             options["plot_file"].write_bytes(png)
         if options["html_file"]:
             report.write_html(options["html_file"], document, png)
+    if not any(step["succeeded"] for step in document["steps"]):
+        raise click.ClickException("no request succeeded; see the errors column")
 
 
 def _run_with_ticks(run: Any, settings: Any, on_step: Any, progress: Any, task: Any) -> Any:

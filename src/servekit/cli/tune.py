@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import click
 
+from servekit.cli.bench import check_extra
 from servekit.tools.bench.requests import PROTOCOLS
 
 
@@ -17,7 +19,7 @@ def _list(kind: type) -> Any:
             values = tuple(kind(item) for item in text.split(","))
         except ValueError:
             raise click.BadParameter(f"{text!r}: expected numbers separated by commas") from None
-        if not values or any(value < 0 for value in values):
+        if not values or any(not math.isfinite(value) or value < 0 for value in values):
             raise click.BadParameter(f"{text!r}: expected non-negative numbers")
         return values
 
@@ -60,10 +62,11 @@ def tune(model_dir: Path, **options: Any) -> None:
     from servekit.tools.tune import SearchSpace, TuneSettings, plot_png
     from servekit.tools.tune import tune as run_tune
 
-    if any(
-        value < 1 for key in ("workers", "instances", "max_batch_size") for value in options[key]
-    ):
-        raise click.BadParameter("workers, instances and batch sizes must be at least 1")
+    check_extra()
+    for key in ("workers", "instances", "max_batch_size"):
+        if any(value < 1 for value in options[key]):
+            option = "--" + key.replace("_", "-")
+            raise click.BadParameter("every value must be at least 1", param_hint=option)
     space = SearchSpace(
         workers=options["workers"],
         instances=options["instances"],

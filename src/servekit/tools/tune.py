@@ -4,7 +4,7 @@ Each candidate runs in its own `servekit serve` on 127.0.0.1 (free ports, gRPC o
 copy of the model folder whose `servekit.yaml` carries the candidate's settings, and the load
 generator of `servekit bench` drives it in a closed loop of 1, 2, 4, ... callers. The
 candidate's score is the highest throughput of a step whose p99 stayed under the target without
-errors; the ramp stops at the first step over the target, since more callers only queue more.
+errors. The ramp stops at the first step over the target, because more callers only queue more.
 
 The search is coordinate-wise, starting from a coarse grid: first every combination of workers
 and instances (the settings that change the most), then, from the best of those, each value of
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -87,7 +88,11 @@ Progress = Callable[[str], None]
 def tune(settings: TuneSettings, progress: Progress = print) -> dict[str, Any]:
     """Search the space, write the winner to servekit.yaml, and return the report."""
     model_dir = settings.model_dir
+    _check_model_dir(model_dir)
     existing = _read_config(model_dir)
+    space = settings.space
+    for values in _every_value(space):
+        _check_settings(model_dir, _merged(existing, values))
     tried: list[dict[str, Any]] = []
     scores: dict[Candidate, dict[str, Any]] = {}
 
@@ -103,7 +108,6 @@ def tune(settings: TuneSettings, progress: Progress = print) -> dict[str, Any]:
     def better(first: Candidate, second: Candidate) -> Candidate:
         return first if score(first)["throughput"] >= score(second)["throughput"] else second
 
-    space = settings.space
     best = Candidate(
         max_batch_size=space.max_batch_size[-1],
         max_queue_delay_ms=space.max_queue_delay_ms[0],
@@ -187,10 +191,13 @@ def _candidate_server(
             "--rest_api_port", str(port), "--port", "0", "--workers", str(candidate.workers),
             "--file_system_poll_wait_seconds", "0", "--log_level", "warning",
         ]  # fmt: skip
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = repository / "server.log"
+        with log.open("wb") as output:
+            # A file, not a pipe: an unread pipe would stop the server once it is full.
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=output)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(url, model_dir.name, process)
+            _wait_ready(url, model_dir.name, process, log)
             yield url
         finally:
             process.terminate()
@@ -201,16 +208,28 @@ def _candidate_server(
                 process.wait()
 
 
-def _wait_ready(url: str, model: str, process: subprocess.Popen[bytes]) -> None:
+def _wait_ready(url: str, model: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until the candidate serves the model; fail at once if it cannot.
+
+    The server loads its models before it serves HTTP, so any response other than ready means
+    the model failed to load, and waiting longer would not help.
+    """
     deadline = time.monotonic() + _START_SECONDS
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            error = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            raise RuntimeError(f"the server for a candidate exited:\n{error}")
-        ready_url = f"{url}/v2/models/{model}/ready"
-        with contextlib.suppress(OSError), urllib.request.urlopen(ready_url, timeout=1) as response:
-            if response.status == 200:
-                return
+            raise RuntimeError(f"the server for a candidate exited:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/models/{model}/ready", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            reason = exc.read().decode(errors="replace")
+            raise RuntimeError(
+                f"the server for a candidate cannot serve {model}: {reason}\n"
+                f"{log.read_text()[-2000:]}"
+            ) from None
+        except OSError:
+            pass  # not listening yet
         time.sleep(0.2)
     raise RuntimeError(f"the server for a candidate was not ready in {_START_SECONDS} s")
 
@@ -219,10 +238,30 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     path = model_dir / MODEL_CONFIG_FILE
     if not path.is_file():
         return {}
-    document = yaml.safe_load(path.read_text()) or {}
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(document, dict):
         raise ValueError(f"{path} is not a mapping of settings")
     return document
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not any(child.is_dir() and child.name.isdigit() for child in model_dir.iterdir()):
+        raise ValueError(
+            f"{model_dir} has no version folders (1/, 2/, ...); pass the model's folder, "
+            "not a version folder or a repository"
+        )
+
+
+def _check_settings(model_dir: Path, document: dict[str, Any]) -> None:
+    """Raise ValueError unless the server would accept `document` as the model's servekit.yaml."""
+    text = yaml.safe_dump(document, sort_keys=False)
+    try:
+        load_model_options(ModelSource(model_dir.name, model_dir, override=text), ServableOptions())
+    except ValueError as exc:
+        raise ValueError(f"invalid settings for {model_dir.name}: {exc}") from None
 
 
 def _merged(existing: dict[str, Any], candidate: Candidate) -> dict[str, Any]:
@@ -241,12 +280,21 @@ def _merged(existing: dict[str, Any], candidate: Candidate) -> dict[str, Any]:
     return document
 
 
+def _every_value(space: SearchSpace) -> list[Candidate]:
+    """Return one candidate per value of every setting, to check each before any server starts."""
+    base = Candidate()
+    return [
+        *(replace(base, instances=value) for value in space.instances),
+        *(replace(base, max_batch_size=value) for value in space.max_batch_size),
+        *(replace(base, max_queue_delay_ms=value) for value in space.max_queue_delay_ms),
+        *(replace(base, intra_op_threads=value) for value in space.intra_op_threads),
+    ]
+
+
 def _write_config(model_dir: Path, existing: dict[str, Any], best: Candidate) -> None:
     document = _merged(existing, best)
-    text = yaml.safe_dump(document, sort_keys=False)
-    # Never write a file the server would reject.
-    load_model_options(ModelSource(model_dir.name, model_dir, override=text), ServableOptions())
-    (model_dir / MODEL_CONFIG_FILE).write_text(text)
+    _check_settings(model_dir, document)  # never write a file the server would reject
+    (model_dir / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(document, sort_keys=False))
 
 
 def plot_png(report: dict[str, Any]) -> bytes:

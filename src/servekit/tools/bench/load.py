@@ -66,10 +66,12 @@ class StepPlan:
 
 def run_step(target: Target, payloads: list[Payload], plan: StepPlan, processes: int) -> StepResult:
     """Run one step, in this process or split across `processes` client processes."""
+    if plan.mode == "closed":
+        # A process without a caller would take its share of --requests with it.
+        processes = min(processes, int(plan.load))
     if processes <= 1:
         return asyncio.run(_run(target, payloads, plan))
     shares = [plan.share(processes, index) for index in range(processes)]
-    shares = [share for share in shares if share.load > 0]
     context = get_context("spawn")
     with ProcessPoolExecutor(len(shares), mp_context=context) as pool:
         parts = list(pool.map(_run_share, [(target, payloads, share) for share in shares]))
@@ -162,11 +164,12 @@ async def _open_loop(send: Send, payloads: list[Payload], plan: StepPlan) -> Ste
         status = await send(payload)
         recorder.record(scheduled, time.perf_counter(), status)
 
-    scheduled = start
     index = 0
-    while recorder.open_for(scheduled):
+    upcoming = start
+    while recorder.open_for(upcoming):
+        scheduled = upcoming
         gap = rng.exponential(1 / plan.load) if plan.arrivals == "poisson" else 1 / plan.load
-        scheduled += gap
+        upcoming = scheduled + gap
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -189,9 +192,12 @@ async def _finish(
     """Wait for the step's requests; cancel those still running `timeout` s after its end."""
     if not tasks:
         return
-    wait = max(0.0, recorder.end - time.perf_counter()) + plan.timeout
-    if recorder.limit is not None:
-        wait = plan.duration + plan.warmup + plan.timeout
+    # With a request count there is no end time: every request has its own timeout instead.
+    wait = (
+        None
+        if recorder.limit is not None
+        else (max(0.0, recorder.end - time.perf_counter()) + plan.timeout)
+    )
     _, pending = await asyncio.wait(tasks, timeout=wait)
     for task in pending:
         task.cancel()

@@ -46,7 +46,19 @@ def _cell(value: Any, form: str) -> str:
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    # Standard JSON has no NaN (a step without successes has no percentiles): null instead.
+    path.write_text(json.dumps(without_nan(document), indent=2, allow_nan=False) + "\n")
+
+
+def without_nan(value: Any) -> Any:
+    """Return a copy of a JSON-like value with every NaN float replaced by None."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    return value
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

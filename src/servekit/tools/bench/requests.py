@@ -11,6 +11,7 @@ starts, so encoding costs nothing during the measurement.
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -94,6 +95,11 @@ def _get_json(url: str, timeout: float) -> Any:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         raise ValueError(f"GET {url} failed with HTTP {exc.code}; check --model and URL") from None
+    except (http.client.HTTPException, json.JSONDecodeError):
+        raise ValueError(
+            f"GET {url} did not return JSON metadata; is this a REST port? (gRPC needs "
+            "--protocol grpc)"
+        ) from None
 
 
 def _grpc_inputs(target: Target, timeout: float) -> list[InputSpec]:
@@ -108,7 +114,13 @@ def _grpc_inputs(target: Target, timeout: float) -> list[InputSpec]:
             response_deserializer=pb.ModelMetadataResponse.FromString,
         )
         request = pb.ModelMetadataRequest(name=target.model, version=target.version)
-        response = method(request, timeout=timeout)
+        try:
+            response = method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()
+            raise ValueError(
+                f"gRPC ModelMetadata on {target.grpc_address} failed: {code.name}: {details}"
+            ) from None
     return [
         InputSpec(item.name, DataType.from_v2(item.datatype), tuple(item.shape))
         for item in response.inputs
@@ -154,8 +166,18 @@ def file_inputs(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray[Any,
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     elif suffix in (".jsonl", ".ndjson"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        arrays = {spec.name: np.array([row[spec.name] for row in rows]) for spec in specs}
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path} line {number} is not JSON: {exc.msg}") from None
+        arrays = {
+            spec.name: np.array([row[spec.name] for row in rows])
+            for spec in specs
+            if rows and all(isinstance(row, dict) and spec.name in row for row in rows)
+        }
     elif suffix == ".parquet":
         import pyarrow.parquet as parquet
 
@@ -170,9 +192,26 @@ def file_inputs(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray[Any,
     missing = [spec.name for spec in specs if spec.name not in arrays]
     if missing:
         raise ValueError(f"{path} has no data for input(s) {', '.join(missing)}")
-    return {
-        spec.name: np.asarray(arrays[spec.name]).astype(spec.datatype.numpy_dtype) for spec in specs
-    }
+    result = {}
+    for spec in specs:
+        array = np.asarray(arrays[spec.name])
+        rows_shape, expected = array.shape[1:], spec.shape[1:]
+        if (
+            spec.shape
+            and spec.shape[0] < 0
+            and (
+                len(rows_shape) != len(expected)
+                or any(
+                    want not in (-1, got) for want, got in zip(expected, rows_shape, strict=True)
+                )
+            )
+        ):
+            raise ValueError(
+                f"{path}: rows of input {spec.name} have shape {list(rows_shape)}, but the model "
+                f"expects {list(expected)} (-1 means any size)"
+            )
+        result[spec.name] = array.astype(spec.datatype.numpy_dtype)
+    return result
 
 
 def encode_pool(
