@@ -11,6 +11,7 @@ from servekit import __version__
 from servekit.cli.bench import bench
 from servekit.cli.models import models
 from servekit.cli.options import options_from
+from servekit.cli.quantize import quantize
 from servekit.cli.tune import tune
 from servekit.config.model_config import describe_validation_error
 from servekit.config.settings import ServerSettings
@@ -48,6 +49,7 @@ def serve(**flags: Any) -> None:
 cli.add_command(models)
 cli.add_command(bench)
 cli.add_command(tune)
+cli.add_command(quantize)
 
 
 def main() -> None:

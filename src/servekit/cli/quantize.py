@@ -1,0 +1,44 @@
+"""`servekit quantize`: write an int8 or fp16 version of an ONNX model, checked for quality."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from servekit.tools.quantize import MODES
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--version", "version", type=click.IntRange(min=0), required=True,
+              help="Version to quantize (its model.onnx).")  # fmt: skip
+@click.option("--mode", type=click.Choice(MODES), default="int8-dynamic", show_default=True)
+@click.option("--per-channel", is_flag=True, help="One int8 scale per output channel.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Rows for int8-static calibration (.npy, .npz or .jsonl).")  # fmt: skip
+@click.option("--validation", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Rows to compare the models on; an .npz may add `labels`.")  # fmt: skip
+@click.option("--output-version", type=click.IntRange(min=0),
+              help="Version to write (default: one above the highest).")  # fmt: skip
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0),
+              help="Fail, writing nothing, if accuracy drops more (0.01 = 1 point).")  # fmt: skip
+@click.option("--min-cosine", type=click.FloatRange(min=-1, max=1),
+              help="Fail, writing nothing, if mean output cosine is lower.")  # fmt: skip
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Time per speed measurement.")  # fmt: skip
+def quantize(model_dir: Path, **options: Any) -> None:
+    """Quantize version --version of MODEL_DIR and write it as a new version with a report."""
+    from servekit.tools.quantize import QualityError, QuantizeSettings
+    from servekit.tools.quantize import quantize as run_quantize
+
+    settings = QuantizeSettings(model_dir=model_dir.resolve(), **options)
+    try:
+        report = run_quantize(settings)
+    except QualityError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise click.ClickException(f"cannot quantize: {exc}") from None
+    click.echo(json.dumps(report, indent=2))

@@ -1,0 +1,110 @@
+"""`servekit quantize` on the example MLP, checked on held-out digits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from servekit.examples import EXAMPLE_REPOSITORY
+from servekit.examples.build import digits_split, upscale_to_mnist
+from tests.conftest import ServerProcess
+
+
+@pytest.fixture
+def mlp(tmp_path: Path) -> Path:
+    folder = tmp_path / "mnist_mlp"
+    shutil.copytree(EXAMPLE_REPOSITORY / "mnist_mlp", folder)
+    train_x, test_x, _, test_y = digits_split()
+    images = upscale_to_mnist(test_x).astype(np.float32)
+    np.savez(tmp_path / "validation.npz", images=images, labels=test_y)
+    np.savez(tmp_path / "calibration.npz", images=upscale_to_mnist(train_x[:128]))
+    return folder
+
+
+def run(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "servekit", "quantize", *arguments],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+def report_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    start = result.stdout.index("{\n")
+    report: dict[str, Any] = json.loads(result.stdout[start:])
+    return report
+
+
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static"])
+def test_int8_version_is_smaller_and_agrees(mlp: Path, mode: str) -> None:
+    validation = str(mlp.parent / "validation.npz")
+    report = report_of(
+        run(str(mlp), "--version", "1", "--mode", mode, "--per-channel",
+            "--calibration", str(mlp.parent / "calibration.npz"),
+            "--validation", validation, "--max-accuracy-drop", "0.02", "--seconds", "0.2")
+    )  # fmt: skip
+    assert report["output_version"] == 2
+    assert report["size_bytes"]["quantized"] < report["size_bytes"]["original"] / 3
+    quality = report["quality"]
+    assert quality["rows"] == 450
+    assert quality["accuracy_original"] >= 0.97
+    assert quality["accuracy_drop"] <= 0.02
+    assert quality["agreement"] >= 0.98
+    assert quality["probabilities"]["mean_cosine"] > 0.999
+    written = mlp / "2"
+    assert sorted(path.name for path in written.iterdir()) == ["model.onnx", "quantize.json"]
+    assert not any(path.name.startswith(".") for path in mlp.iterdir())
+
+    # The server serves the new version beside the original, with the same answers.
+    images = np.load(validation)["images"][:20]
+    (mlp / "servekit.yaml").write_text("version_policy: {all: {}}\n")
+    server = ServerProcess("--model_base_path", str(mlp), "--model_name", "mlp")
+    try:
+        predictions = [
+            np.array(
+                httpx.post(
+                    f"{server.url}/v1/models/mlp/versions/{version}:predict",
+                    json={"instances": images.tolist()},
+                ).json()["predictions"]
+            )
+            for version in (1, 2)
+        ]
+    finally:
+        server.stop()
+    agreement = np.mean(predictions[0].argmax(axis=1) == predictions[1].argmax(axis=1))
+    assert agreement >= 0.95
+
+
+def test_quality_limit_writes_nothing(mlp: Path) -> None:
+    result = run(
+        str(mlp), "--version", "1", "--validation", str(mlp.parent / "validation.npz"),
+        "--min-cosine", "1", "--seconds", "0.1",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "nothing written" in result.stderr
+    assert sorted(path.name for path in mlp.iterdir()) == ["1"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--version", "7"], "does not exist"),
+        (["--version", "1", "--mode", "int8-static"], "needs --calibration"),
+        (["--version", "1", "--output-version", "1"], "already exists"),
+        (["--version", "1", "--max-accuracy-drop", "0.1"], "need --validation"),
+    ],
+)
+def test_usage_errors(mlp: Path, arguments: list[str], expected: str) -> None:
+    result = run(str(mlp), *arguments, "--seconds", "0.1")
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(path.name for path in mlp.iterdir()) == ["1"]
