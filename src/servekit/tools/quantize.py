@@ -12,8 +12,8 @@ Modes, all through ONNX Runtime's own tools:
 The new model is compared with the original in the same run: file size, latency of one row,
 rows per second in batches of 32, and quality on `--validation` data. With labels (an array
 named `labels` in the `.npz`), quality is the accuracy of each model and how often their
-predicted classes agree; without, the largest absolute difference and the mean cosine
-similarity of the outputs. `--max-accuracy-drop` (or `--min-cosine`) makes the command fail
+predicted classes agree. Without labels, it is the largest absolute difference and the mean
+cosine similarity of the outputs. `--max-accuracy-drop` (or `--min-cosine`) makes the command fail
 and write nothing when the new model is worse than allowed. Otherwise the model is written as
 a new version directory, all at once: into a hidden folder first (which the server ignores),
 then renamed.
@@ -185,13 +185,13 @@ def _speed(
     result: dict[str, Any] = {}
     for name, path in (("original", original), ("quantized", quantized)):
         session = _session(path)
-        one, batch = _random_feed(specs, 1), _random_feed(specs, _BATCH)
-        session.run(None, one)
+        single, batch = _random_feed(specs, 1), _random_feed(specs, _BATCH)
+        session.run(None, single)
         latencies = []
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            session.run(None, one)
+            session.run(None, single)
             latencies.append(time.perf_counter() - started)
         calls = 0
         started = time.perf_counter()
