@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from servekit import __version__
 from servekit.cli.bench import bench
+from servekit.cli.convert import convert
 from servekit.cli.models import models
 from servekit.cli.options import options_from
 from servekit.cli.quantize import quantize
@@ -50,6 +51,7 @@ cli.add_command(models)
 cli.add_command(bench)
 cli.add_command(tune)
 cli.add_command(quantize)
+cli.add_command(convert)
 
 
 def main() -> None:
