@@ -14,6 +14,11 @@ The class declares its signature and computes outputs with numpy::
 
 `predict` receives and returns a dict of numpy arrays. BYTES tensors are object arrays of
 `bytes`. It runs in a worker thread, so it may block.
+
+Two optional steps wrap it, so a tokenizer or a label lookup can live beside the model:
+`preprocess(inputs)` turns the request's arrays into what `predict` takes (for example text
+into token ids), and `postprocess(outputs)` turns `predict`'s result into the declared
+outputs. Each takes and returns a dict of arrays, for the whole batch at once.
 """
 
 from __future__ import annotations
@@ -66,7 +71,17 @@ class PythonRuntime:
     def predict(
         self, inputs: dict[str, np.ndarray[Any, Any]], outputs: Sequence[str]
     ) -> dict[str, np.ndarray[Any, Any]]:
-        results = self._model.predict(inputs)
+        model = self._model
+        if hasattr(model, "preprocess"):
+            inputs = model.preprocess(inputs)
+        results = model.predict(inputs)
+        if hasattr(model, "postprocess"):
+            results = model.postprocess(results)
+        missing = [name for name in outputs if name not in results]
+        if missing:
+            raise ValueError(
+                f"model.py returned no output {missing[0]!r}; it returned {sorted(results)}"
+            )
         # Cast to the declared datatype so a model returning float64 for FP32 stays in contract.
         return {
             name: np.asarray(results[name], dtype=self._output_dtypes[name]) for name in outputs

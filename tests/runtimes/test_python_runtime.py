@@ -1,0 +1,68 @@
+"""Python models: preprocess and postprocess steps around predict, served end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ServerProcess, assert_json_error
+from tests.toy_models import write_python_model
+
+# A toy "tokenizer" in preprocess, a model on ids, and a label lookup in postprocess.
+PIPELINE_SOURCE = """
+import numpy as np
+
+WORDS = {b"good": 1, b"bad": -1}
+
+
+class Model:
+    inputs = [("text", "BYTES", [-1])]
+    outputs = [("label", "BYTES", [-1]), ("score", "FP32", [-1])]
+
+    def preprocess(self, inputs):
+        ids = [sum(WORDS.get(word, 0) for word in text.split()) for text in inputs["text"]]
+        return {"ids": np.array(ids, dtype=np.int64)}
+
+    def predict(self, inputs):
+        return {"score": inputs["ids"].astype(np.float64)}
+
+    def postprocess(self, outputs):
+        labels = np.array([b"positive" if s > 0 else b"negative" for s in outputs["score"]], object)
+        return {**outputs, "label": labels}
+"""
+
+BROKEN_SOURCE = """
+import numpy as np
+
+
+class Model:
+    inputs = [("x", "FP32", [-1])]
+    outputs = [("y", "FP32", [-1])]
+
+    def predict(self, inputs):
+        return {"z": inputs["x"]}
+"""
+
+
+def test_preprocess_and_postprocess(tmp_path: Path) -> None:
+    write_python_model(tmp_path, "sentiment", PIPELINE_SOURCE)
+    write_python_model(tmp_path, "broken", BROKEN_SOURCE)
+    server = ServerProcess("--model_repository", str(tmp_path))
+    try:
+        response = httpx.post(
+            f"{server.url}/v1/models/sentiment:predict",
+            json={"instances": ["good good bad", "bad"]},
+        )
+        broken = httpx.post(f"{server.url}/v1/models/broken:predict", json={"instances": [1.0]})
+    finally:
+        server.stop()
+    assert response.json() == {
+        "predictions": [
+            {"label": "positive", "score": 1.0},
+            {"label": "negative", "score": -1.0},
+        ]
+    }
+    # The warm-up call at load time finds the missing output, so the version never serves.
+    message = assert_json_error(broken, 503)
+    assert "model.py returned no output 'y'" in message
