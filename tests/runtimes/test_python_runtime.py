@@ -66,3 +66,41 @@ def test_preprocess_and_postprocess(tmp_path: Path) -> None:
     # The warm-up call at load time finds the missing output, so the version never serves.
     message = assert_json_error(broken, 503)
     assert "model.py returned no output 'y'" in message
+
+
+def test_pickle_served_only_when_allowed(tmp_path: Path) -> None:
+    import joblib
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    data = load_digits()
+    model = LogisticRegression(max_iter=300).fit(data.data[:1000], data.target[:1000])
+    version = tmp_path / "digits_lr" / "1"
+    version.mkdir(parents=True)
+    joblib.dump(model, version / "model.joblib")
+    rows = data.data[1000:1020]
+
+    refused = ServerProcess("--model_repository", str(tmp_path))
+    try:
+        response = httpx.post(
+            f"{refused.url}/v1/models/digits_lr:predict", json={"instances": rows.tolist()}
+        )
+    finally:
+        refused.stop()
+    message = assert_json_error(response, 503)
+    assert "--allow_pickle" in message
+
+    allowed = ServerProcess("--model_repository", str(tmp_path), "--allow_pickle")
+    try:
+        response = httpx.post(
+            f"{allowed.url}/v1/models/digits_lr:predict", json={"instances": rows.tolist()}
+        )
+    finally:
+        allowed.stop()
+    predictions = response.json()["predictions"]
+    assert [row["label"] for row in predictions] == model.predict(rows).tolist()
+    assert np.allclose(
+        [row["probabilities"] for row in predictions], model.predict_proba(rows), atol=1e-6
+    )
+    assert "loading pickled model" in allowed.log

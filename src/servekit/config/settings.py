@@ -69,6 +69,11 @@ class ServerSettings(BaseSettings):
     tensorflow_inter_op_parallelism: int = Field(
         0, ge=0, description="Operators a runtime runs at once; 0 lets it choose."
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Serve scikit-learn models stored as model.joblib or model.pkl. Loading "
+        "a pickle runs code from the file, so only use it for files you trust.",
+    )
     runtime_spinning: bool = Field(
         False,
         description="Let ONNX Runtime's idle threads busy-wait for the next call: slightly "

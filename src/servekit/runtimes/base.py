@@ -20,6 +20,8 @@ class RuntimeOptions:
     inter_op_threads: int = 0
     # Whether idle intra-op threads busy-wait for the next call instead of sleeping.
     spinning: bool = False
+    # Whether pickled models (which run code when loaded) may be loaded.
+    allow_pickle: bool = False
 
 
 class Runtime(Protocol):
@@ -66,5 +68,15 @@ def runtime_for(directory: Path, options: RuntimeOptions) -> Runtime:
     for file_name, runtime_class in candidates:
         if (directory / file_name).is_file():
             return runtime_class(options)
-    expected = " or ".join(file_name for file_name, _ in candidates)
+    from servekit.runtimes.sklearn import MODEL_FILES, SklearnRuntime
+
+    pickles = [name for name in MODEL_FILES if (directory / name).is_file()]
+    if pickles and options.allow_pickle:
+        return SklearnRuntime(options)
+    if pickles:
+        raise RuntimeNotFoundError(
+            f"{pickles[0]} is a pickle, and loading it would run code from the file; start the "
+            "server with --allow_pickle if you trust it, or convert it with servekit convert"
+        )
+    expected = " or ".join([*(file_name for file_name, _ in candidates), *MODEL_FILES])
     raise RuntimeNotFoundError(f"no model file found: expected {expected}")

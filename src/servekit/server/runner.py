@@ -59,6 +59,7 @@ def default_options(settings: ServerSettings) -> ServableOptions:
         intra_op_threads=settings.tensorflow_intra_op_parallelism,
         inter_op_threads=settings.tensorflow_inter_op_parallelism,
         spinning=settings.runtime_spinning,
+        allow_pickle=settings.allow_pickle,
     )
     batching = BatchingConfig(enabled=settings.enable_batching)
     instances = settings.instances
