@@ -1,7 +1,7 @@
 """scikit-learn models stored as `model.joblib` or `model.pkl`, served only when allowed.
 
 Unpickling runs code from the file, so these files load only with `--allow_pickle`, and each
-load logs a warning naming the file; `servekit convert sklearn` turns such a model into ONNX,
+load logs a warning naming the file. `servekit convert sklearn` turns such a model into ONNX,
 which needs neither. The signature follows skl2onnx's names, so a model keeps its API when it is
 converted: input `X` (FP64 rows of `n_features_in_` features); classifiers return `label` and
 `probabilities` (FP32), regressors `variable` (FP32).
