@@ -60,10 +60,13 @@ def runtime_for(directory: Path, options: RuntimeOptions) -> Runtime:
     # Imported here so that a runtime's heavy dependencies load only when it is used.
     from servekit.runtimes.onnx import OnnxRuntime
     from servekit.runtimes.python import PythonRuntime
+    from servekit.runtimes.tflite import TFLiteRuntime
 
-    candidates: list[tuple[str, type[OnnxRuntime] | type[PythonRuntime]]] = [
+    candidates: list[tuple[str, type[OnnxRuntime] | type[PythonRuntime] | type[TFLiteRuntime]]]
+    candidates = [
         (OnnxRuntime.model_file, OnnxRuntime),
         (PythonRuntime.model_file, PythonRuntime),
+        (TFLiteRuntime.model_file, TFLiteRuntime),
     ]
     for file_name, runtime_class in candidates:
         if (directory / file_name).is_file():
