@@ -165,11 +165,16 @@ async def _open_loop(send: Send, payloads: list[Payload], plan: StepPlan) -> Ste
         recorder.record(scheduled, time.perf_counter(), status)
 
     index = 0
+    sent = 0
     upcoming = start
     while recorder.open_for(upcoming):
         scheduled = upcoming
-        gap = rng.exponential(1 / plan.load) if plan.arrivals == "poisson" else 1 / plan.load
-        upcoming = scheduled + gap
+        sent += 1
+        if plan.arrivals == "poisson":
+            upcoming = scheduled + rng.exponential(1 / plan.load)
+        else:
+            # Multiplied, not summed, so rounding never lets one more request into the window.
+            upcoming = start + sent / plan.load
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
