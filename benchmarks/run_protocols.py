@@ -97,7 +97,7 @@ def h2load(
 
 
 def counters(metrics_url: str) -> tuple[float, float, float]:
-    """Read the model's answered and failed requests and the server's CPU seconds.
+    """Read the model's successful and failed requests and the server's CPU seconds.
 
     499s count as neither: h2load closes its connections when its time is up, which cancels
     the requests it still has in flight.
@@ -137,7 +137,7 @@ def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
                         result = h2load(url, body, headers, http1, connections, args.seconds, log)
                         after = counters(f"{base}/metrics")
                         result["errors"] = after[1] - before[1]
-                        # Server CPU time per answered request, warm-up included on both sides.
+                        # Server CPU time per successful request, warm-up included on both sides.
                         result["cpu_us"] = 1e6 * (after[2] - before[2]) / (after[0] - before[0])
                         run = {
                             "flags": flags,

@@ -34,7 +34,7 @@ class ServerProcess:
 
     def __init__(self, *flags: str) -> None:
         # gRPC stays off (its default port 8500 would be shared by every test server) unless a
-        # test asks for it with --port.
+        # test requests it with --port.
         grpc = [] if "--port" in flags else ["--port", "0"]
         command = [
             sys.executable, "-m", "servekit", "serve", "--rest_api_port", "0", *grpc, *flags

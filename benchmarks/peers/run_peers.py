@@ -213,7 +213,7 @@ def _wait_ready(server: Server, process: subprocess.Popen[bytes], log: Path) -> 
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{server.command[0]} exited:\n{log.read_text()[-3000:]}")
-        # Ready means a real prediction succeeds: some servers answer their health check before
+        # Ready means a real prediction succeeds: some servers pass their health check before
         # their model's worker has started.
         request = urllib.request.Request(
             server.url, data=server.body.read_bytes(), headers={"content-type": "application/json"}

@@ -1,4 +1,4 @@
-"""TFLite models through ai-edge-litert: served answers equal the interpreter's in process."""
+"""TFLite models through ai-edge-litert: served outputs equal the interpreter's in process."""
 
 from __future__ import annotations
 

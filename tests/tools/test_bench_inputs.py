@@ -10,9 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as parquet
 import pytest
 
-from servekit.core.types import DataType
+from servekit.core.types import DataType, TensorSpec
 from servekit.tools.bench.requests import (
-    InputSpec,
     Target,
     encode,
     encode_pool,
@@ -20,7 +19,7 @@ from servekit.tools.bench.requests import (
     random_inputs,
 )
 
-SPECS = [InputSpec("a", DataType.FP32, (-1, 2)), InputSpec("b", DataType.INT64, (-1,))]
+SPECS = [TensorSpec("a", DataType.FP32, (-1, 2)), TensorSpec("b", DataType.INT64, (-1,))]
 ROWS_A = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
 ROWS_B = [7, 8, 9]
 
@@ -65,7 +64,7 @@ def test_missing_input_and_wrong_kind(tmp_path: Path) -> None:
 
 
 def test_random_inputs_follow_the_metadata() -> None:
-    specs = [InputSpec("x", DataType.FP16, (-1, 3)), InputSpec("t", DataType.BYTES, (-1,))]
+    specs = [TensorSpec("x", DataType.FP16, (-1, 3)), TensorSpec("t", DataType.BYTES, (-1,))]
     arrays = random_inputs(specs, rows=2)
     assert arrays["x"].dtype == np.float16
     assert arrays["x"].shape[1] == 3

@@ -63,7 +63,7 @@ def test_int8_version_is_smaller_and_agrees(mlp: Path, mode: str) -> None:
     assert sorted(path.name for path in written.iterdir()) == ["model.onnx", "quantize.json"]
     assert not any(path.name.startswith(".") for path in mlp.iterdir())
 
-    # The server serves the new version beside the original, with the same answers.
+    # The server serves the new version beside the original, with the same predictions.
     images = np.load(validation)["images"][:20]
     (mlp / "servekit.yaml").write_text("version_policy: {all: {}}\n")
     server = ServerProcess("--model_base_path", str(mlp), "--model_name", "mlp")

@@ -43,9 +43,9 @@ class DataType(enum.Enum):
             return _BY_V2_NAME[name]
         except (KeyError, TypeError):
             known = ", ".join(_BY_V2_NAME)
-            shown = shorten(name, 40) if isinstance(name, str) else name
+            value = shorten(name, 40) if isinstance(name, str) else name
             raise InvalidInputError(
-                f"invalid datatype {shown!r}: expected one of {known}"
+                f"invalid datatype {value!r}: expected one of {known}"
             ) from None
 
     @classmethod

@@ -164,7 +164,7 @@ class Metrics:
     def observe_request(
         self, model: str, version: str, protocol: str, code: int, elapsed: float
     ) -> None:
-        """Count one answered request and its latency.
+        """Count one completed request and its latency.
 
         `code` is the HTTP status, or for gRPC the HTTP status of the same outcome (200 for OK,
         404 for NOT_FOUND, ...), so one query covers both transports.

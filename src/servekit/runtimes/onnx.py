@@ -57,8 +57,8 @@ class OnnxRuntime:
             providers=["CPUExecutionProvider"],
         )
         signature = Signature(
-            inputs=tuple(_tensor_spec(node) for node in session.get_inputs()),
-            outputs=tuple(_tensor_spec(node) for node in session.get_outputs()),
+            inputs=tuple(tensor_spec(node) for node in session.get_inputs()),
+            outputs=tuple(tensor_spec(node) for node in session.get_outputs()),
         )
         self._string_inputs = frozenset(
             spec.name for spec in signature.inputs if spec.datatype.is_bytes
@@ -85,7 +85,8 @@ class OnnxRuntime:
         self._session = None
 
 
-def _tensor_spec(node: Any) -> TensorSpec:
+def tensor_spec(node: Any) -> TensorSpec:
+    """Describe an ONNX Runtime input or output node as a TensorSpec."""
     try:
         datatype = _ONNX_TYPES[node.type]
     except KeyError:

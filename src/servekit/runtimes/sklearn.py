@@ -3,7 +3,7 @@
 Unpickling runs code from the file, so these files load only with `--allow_pickle`, and each
 load logs a warning naming the file. `servekit convert sklearn` turns such a model into ONNX,
 which needs neither. The signature follows skl2onnx's names, so a model keeps its API when it is
-converted: input `X` (FP64 rows of `n_features_in_` features); classifiers return `label` and
+converted: input `X` (FP32 rows of `n_features_in_` features); classifiers return `label` and
 `probabilities` (FP32), regressors `variable` (FP32).
 """
 
@@ -41,7 +41,7 @@ class SklearnRuntime:
         logger.warning("loading pickled model %s: this runs code from the file", path)
         model = joblib.load(path)
         features = int(model.n_features_in_)
-        inputs = (TensorSpec("X", DataType.FP64, (-1, features)),)
+        inputs = (TensorSpec("X", DataType.FP32, (-1, features)),)
         outputs: tuple[TensorSpec, ...]
         if hasattr(model, "predict_proba"):
             classes = np.asarray(model.classes_)

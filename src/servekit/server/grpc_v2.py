@@ -4,7 +4,7 @@ Versions are strings as in the REST API: a version number, a label, or empty for
 server chooses. ModelReady returns `ready: false` for an unknown model or version, as Triton
 does, so `tritonclient.grpc`'s `is_model_ready` returns False instead of raising.
 The repository methods (index, load, unload) are served when the management API is on and has
-no port of its own; otherwise they answer UNIMPLEMENTED.
+no port of its own. Otherwise calls to them fail with UNIMPLEMENTED.
 """
 
 from __future__ import annotations

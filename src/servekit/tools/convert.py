@@ -1,25 +1,24 @@
 """`servekit convert sklearn`: a scikit-learn model as an ONNX version, checked against itself.
 
 A pickled or joblib model file runs code when it is loaded, so conversion needs
-`--allow-pickle` and logs a warning naming the file. The model is converted with skl2onnx
-(classifiers without ZipMap, so they output a label tensor and a probability tensor) and then
-run both ways on `--sample` rows: the converted model must give the same predicted classes and
-outputs within `--tolerance` of the original, or nothing is written. The new version directory
-appears all at once, like quantize's.
+`--allow-pickle` and logs a warning naming the file. skl2onnx converts the model, with
+classifiers built without ZipMap so that they output a label tensor and a probability tensor.
+Both models then run on the `--sample` rows. The converted one must predict the same classes
+and give outputs within `--tolerance` of the original, or nothing is written. The new version
+directory appears all at once (see tools/versions.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from servekit.tools.versions import next_version, staged_version
 
 logger = logging.getLogger(__name__)
 
@@ -54,23 +53,14 @@ def convert_sklearn(
     options = {id(model): {"zipmap": False}} if classifier else None
     onnx_model = to_onnx(model, rows[:1], options=options, target_opset=None)
     model_dir.mkdir(parents=True, exist_ok=True)
-    version = version if version is not None else _next_version(model_dir)
-    target = model_dir / str(version)
-    if target.exists():
-        raise ValueError(f"version {version} already exists in {model_dir}")
-    # A hidden folder, which the server ignores, renamed into place once complete.
-    work = Path(tempfile.mkdtemp(prefix=".servekit-convert-", dir=model_dir))
-    try:
+    version = version if version is not None else next_version(model_dir)
+    with staged_version(model_dir, version) as work:
         path = work / MODEL_FILE
         path.write_bytes(onnx_model.SerializeToString())
         report = _compare(model, path, rows, classifier, tolerance)
         report.update({"source": str(source), "version": version, "rows_compared": len(rows)})
         (work / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    report["written"] = str(target)
+    report["written"] = str(model_dir / str(version))
     return report
 
 
@@ -84,11 +74,6 @@ def _sample_rows(sample: Path) -> np.ndarray[Any, Any]:
     if rows.ndim != 2 or len(rows) == 0:
         raise ValueError(f"{sample} must hold a 2-D array of rows (rows x features)")
     return rows
-
-
-def _next_version(model_dir: Path) -> int:
-    versions = [int(child.name) for child in model_dir.iterdir() if child.name.isdigit()]
-    return max(versions, default=0) + 1
 
 
 def _compare(

@@ -15,17 +15,13 @@ named `labels` in the `.npz`), quality is the accuracy of each model and how oft
 predicted classes agree. Without labels, it is the largest absolute difference and the mean
 cosine similarity of the outputs. `--max-accuracy-drop` (or `--min-cosine`) makes the command fail
 and write nothing when the new model is worse than allowed. Otherwise the model is written as
-a new version directory, all at once: into a hidden folder first (which the server ignores),
-then renamed.
+a new version directory, which appears all at once (see tools/versions.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +30,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from servekit.core.types import DataType
-from servekit.tools.bench.requests import InputSpec, file_inputs
+from servekit.core.types import TensorSpec
+from servekit.runtimes.onnx import tensor_spec
+from servekit.tools.bench.requests import file_inputs
+from servekit.tools.versions import next_version, staged_version
 
 MODES = ("int8-dynamic", "int8-static", "fp16")
 MODEL_FILE = "model.onnx"
@@ -66,13 +64,11 @@ def quantize(settings: QuantizeSettings) -> dict[str, Any]:
     source = settings.model_dir / str(settings.version) / MODEL_FILE
     if not source.is_file():
         raise ValueError(f"{source} does not exist; quantize works on ONNX versions")
-    output_version = settings.output_version or _next_version(settings.model_dir)
-    target = settings.model_dir / str(output_version)
-    if target.exists():
-        raise ValueError(f"version {output_version} already exists in {settings.model_dir}")
+    version = settings.output_version
+    output_version = version if version is not None else next_version(settings.model_dir)
     specs = _input_specs(source)
-    with tempfile.TemporaryDirectory(prefix=".servekit-quantize-", dir=settings.model_dir) as work:
-        quantized = Path(work) / MODEL_FILE
+    with staged_version(settings.model_dir, output_version) as work:
+        quantized = work / MODEL_FILE
         _convert(settings, source, quantized, specs)
         report: dict[str, Any] = {
             "model": settings.model_dir.name,
@@ -89,34 +85,18 @@ def quantize(settings: QuantizeSettings) -> dict[str, Any]:
         if settings.validation is not None:
             report["quality"] = _quality(source, quantized, specs, settings.validation)
         _check_quality(report.get("quality"), settings)
-        (Path(work) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        staged = settings.model_dir / f".{output_version}.staged"
-        shutil.copytree(work, staged)
-        os.replace(staged, target)
-    report["written"] = str(target)
+        (work / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    report["written"] = str(settings.model_dir / str(output_version))
     return report
 
 
-def _next_version(model_dir: Path) -> int:
-    versions = [int(child.name) for child in model_dir.iterdir() if child.name.isdigit()]
-    return max(versions, default=0) + 1
-
-
-def _input_specs(path: Path) -> list[InputSpec]:
+def _input_specs(path: Path) -> list[TensorSpec]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    specs = []
-    for node in session.get_inputs():
-        numpy_name = node.type.removeprefix("tensor(").removesuffix(")")
-        datatype = {"float": DataType.FP32, "double": DataType.FP64, "string": DataType.BYTES}.get(
-            numpy_name
-        ) or DataType.from_numpy(np.dtype(numpy_name))
-        shape = tuple(size if isinstance(size, int) else -1 for size in node.shape)
-        specs.append(InputSpec(node.name, datatype, shape))
-    return specs
+    return [tensor_spec(node) for node in session.get_inputs()]
 
 
 def _convert(
-    settings: QuantizeSettings, source: Path, target: Path, specs: list[InputSpec]
+    settings: QuantizeSettings, source: Path, target: Path, specs: list[TensorSpec]
 ) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
 
@@ -168,7 +148,7 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _random_feed(specs: list[InputSpec], rows: int) -> dict[str, np.ndarray[Any, Any]]:
+def _random_feed(specs: list[TensorSpec], rows: int) -> dict[str, np.ndarray[Any, Any]]:
     rng = np.random.default_rng(0)
     feed = {}
     for spec in specs:
@@ -179,7 +159,7 @@ def _random_feed(specs: list[InputSpec], rows: int) -> dict[str, np.ndarray[Any,
 
 
 def _speed(
-    original: Path, quantized: Path, specs: list[InputSpec], seconds: float
+    original: Path, quantized: Path, specs: list[TensorSpec], seconds: float
 ) -> dict[str, Any]:
     """Measure both models in turn, in this process: latency at batch 1, rate at batch 32."""
     result: dict[str, Any] = {}
@@ -213,7 +193,7 @@ def _speed(
 
 
 def _quality(
-    original: Path, quantized: Path, specs: list[InputSpec], validation: Path
+    original: Path, quantized: Path, specs: list[TensorSpec], validation: Path
 ) -> dict[str, Any]:
     feed = file_inputs(validation, specs)
     labels = None

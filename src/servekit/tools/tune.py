@@ -6,10 +6,10 @@ generator of `servekit bench` drives it in a closed loop of 1, 2, 4, ... callers
 candidate's score is the highest throughput of a step whose p99 stayed under the target without
 errors. The ramp stops at the first step over the target, because more callers only queue more.
 
-The search is coordinate-wise, starting from a coarse grid: first every combination of workers
-and instances (the settings that change the most), then, from the best of those, each value of
-max batch size, max queue delay and runtime threads in turn, keeping a value only if it beats
-the best so far. A value that loses is not combined with the others again, which is how the
+The search is coordinate-wise and starts from a coarse grid: every combination of workers and
+instances, the settings that change the most. From the best of those it tries each value of max
+batch size, max queue delay and runtime threads in turn, keeping a value only if it beats the
+best so far. A value that loses is not combined with the others again, which is how the
 search prunes the full grid (which would be the product of all the value lists).
 
 The winner's per-model settings (instances, runtime threads, batching) are written to the
@@ -109,11 +109,12 @@ def tune(settings: TuneSettings, progress: Progress = print) -> dict[str, Any]:
         return first if score(first)["throughput"] >= score(second)["throughput"] else second
 
     best = Candidate(
+        workers=space.workers[0],
+        instances=space.instances[0],
         max_batch_size=space.max_batch_size[-1],
         max_queue_delay_ms=space.max_queue_delay_ms[0],
         intra_op_threads=space.intra_op_threads[0],
     )
-    best = replace(best, workers=space.workers[0], instances=space.instances[0])
     for workers in space.workers:
         for instances in space.instances:
             best = better(best, replace(best, workers=workers, instances=instances))

@@ -4,8 +4,8 @@ Closed loop: `concurrency` callers each send a request, wait for its response an
 next. Open loop: requests leave on a schedule (`rate` per second, evenly spaced or with Poisson
 arrivals) whatever the server does. Each latency counts from the request's scheduled send time,
 so a server that stalls shows its queueing instead of slowing the generator down. Only
-requests scheduled after the warm-up and before the end of the step are measured; every step
-stops by itself, and requests still running `timeout` seconds after the end are cancelled and
+requests scheduled after the warm-up and before the end of the step are measured. Every step
+stops by itself: requests still running `timeout` seconds after the end are cancelled and
 counted as `timeout`.
 """
 

@@ -2,11 +2,10 @@
 
 Inputs are random tensors shaped from the model's metadata, where a dimension of any size
 becomes the rows per request if it is the first and 1 elsewhere. Or they are rows read from a
-file: `.npy`
-(the model's only input), `.npz` (one array per input name), JSON Lines (one object per row,
-keyed by input name) or Parquet (one column per input; list columns become 2-D). Requests take
-consecutive slices of `rows` rows, wrapping around. Bodies are encoded once, before the load
-starts, so encoding costs nothing during the measurement.
+file: `.npy` for the model's only input, `.npz` with one array per input name, JSON Lines with
+one object per row keyed by input name, or Parquet with one column per input (list columns
+become 2-D). Up to 64 requests of `rows` consecutive rows are encoded once, before the load
+starts, and requests cycle through them, so encoding costs nothing during the measurement.
 """
 
 from __future__ import annotations
@@ -22,19 +21,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from servekit.core.types import DataType
+from servekit.core.types import DataType, TensorSpec
 
 PROTOCOLS = ("tfserving", "v2", "v2-binary", "grpc")
 # Distinct request bodies prepared for one step; requests cycle through them.
 _POOL_SIZE = 64
 _TF_NAMES = {member.tf_name: member for member in DataType}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    datatype: DataType
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -66,7 +58,7 @@ class Payload:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def fetch_inputs(target: Target, timeout: float = 10.0) -> list[InputSpec]:
+def fetch_inputs(target: Target, timeout: float = 10.0) -> list[TensorSpec]:
     """Read the model's inputs from the server's metadata endpoint."""
     if target.protocol == "grpc":
         return _grpc_inputs(target, timeout)
@@ -75,7 +67,7 @@ def fetch_inputs(target: Target, timeout: float = 10.0) -> list[InputSpec]:
         document = _get_json(f"{target.url}/v1/models/{target.model}{version}/metadata", timeout)
         signature = document["metadata"]["signature_def"]["signature_def"]["serving_default"]
         return [
-            InputSpec(
+            TensorSpec(
                 name,
                 _TF_NAMES[info["dtype"]],
                 tuple(int(dim["size"]) for dim in info["tensor_shape"]["dim"]),
@@ -84,7 +76,7 @@ def fetch_inputs(target: Target, timeout: float = 10.0) -> list[InputSpec]:
         ]
     document = _get_json(f"{target.url}/v2/models/{target.model}{version}", timeout)
     return [
-        InputSpec(item["name"], DataType.from_v2(item["datatype"]), tuple(item["shape"]))
+        TensorSpec(item["name"], DataType.from_v2(item["datatype"]), tuple(item["shape"]))
         for item in document["inputs"]
     ]
 
@@ -102,7 +94,7 @@ def _get_json(url: str, timeout: float) -> Any:
         ) from None
 
 
-def _grpc_inputs(target: Target, timeout: float) -> list[InputSpec]:
+def _grpc_inputs(target: Target, timeout: float) -> list[TensorSpec]:
     import grpc
 
     from servekit.protocols.protos import kserve_v2_pb2 as pb
@@ -122,13 +114,13 @@ def _grpc_inputs(target: Target, timeout: float) -> list[InputSpec]:
                 f"gRPC ModelMetadata on {target.grpc_address} failed: {code.name}: {details}"
             ) from None
     return [
-        InputSpec(item.name, DataType.from_v2(item.datatype), tuple(item.shape))
+        TensorSpec(item.name, DataType.from_v2(item.datatype), tuple(item.shape))
         for item in response.inputs
     ]
 
 
 def random_inputs(
-    specs: list[InputSpec], rows: int, seed: int = 0
+    specs: list[TensorSpec], rows: int, seed: int = 0
 ) -> dict[str, np.ndarray[Any, Any]]:
     """Make `_POOL_SIZE` requests' worth of random rows for every input."""
     rng = np.random.default_rng(seed)
@@ -153,7 +145,7 @@ def _random(rng: np.random.Generator, datatype: DataType, shape: tuple[int, ...]
     return rng.random(shape).astype(datatype.numpy_dtype)
 
 
-def file_inputs(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray[Any, Any]]:
+def file_inputs(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray[Any, Any]]:
     """Read rows for every input from a .npy, .npz, JSON Lines or Parquet file."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -215,7 +207,7 @@ def file_inputs(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray[Any,
 
 
 def encode_pool(
-    target: Target, specs: list[InputSpec], arrays: dict[str, np.ndarray[Any, Any]], rows: int
+    target: Target, specs: list[TensorSpec], arrays: dict[str, np.ndarray[Any, Any]], rows: int
 ) -> list[Payload]:
     """Encode up to `_POOL_SIZE` requests of `rows` rows each, in the target's protocol."""
     available = min(len(arrays[spec.name]) for spec in specs)
@@ -230,7 +222,7 @@ def encode_pool(
 
 
 def encode(
-    target: Target, specs: list[InputSpec], batch: dict[str, np.ndarray[Any, Any]]
+    target: Target, specs: list[TensorSpec], batch: dict[str, np.ndarray[Any, Any]]
 ) -> Payload:
     if target.protocol == "tfserving":
         columns = {name: _json_values(array) for name, array in batch.items()}
@@ -266,7 +258,7 @@ def _json_values(array: np.ndarray[Any, Any]) -> Any:
     return texts.tolist()
 
 
-def _binary_payload(specs: list[InputSpec], batch: dict[str, np.ndarray[Any, Any]]) -> Payload:
+def _binary_payload(specs: list[TensorSpec], batch: dict[str, np.ndarray[Any, Any]]) -> Payload:
     from servekit.protocols.v2 import encode_raw
 
     chunks = [encode_raw(batch[spec.name]) for spec in specs]
@@ -288,7 +280,7 @@ def _binary_payload(specs: list[InputSpec], batch: dict[str, np.ndarray[Any, Any
 
 
 def _grpc_payload(
-    target: Target, specs: list[InputSpec], batch: dict[str, np.ndarray[Any, Any]]
+    target: Target, specs: list[TensorSpec], batch: dict[str, np.ndarray[Any, Any]]
 ) -> Payload:
     from servekit.protocols.protos import kserve_v2_pb2 as pb
     from servekit.protocols.v2 import encode_raw
