@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install serve test test-compat lint models protos bench clean
+.PHONY: install serve test test-extras test-compat lint models protos bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,18 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# The tests marked `extras`: TensorFlow, PyTorch and the MiniLM text model, in an environment of
+# their own with the heavy extras installed (about 3 GB); not part of `make test`.
+EXTRAS := .venv-extras
+$(EXTRAS)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(EXTRAS)
+	$(EXTRAS)/bin/python -m pip install --quiet --upgrade pip
+	$(EXTRAS)/bin/python -m pip install --quiet -e '.[test-extras]'
+	touch $@
+
+test-extras: $(EXTRAS)/.installed
+	$(EXTRAS)/bin/pytest -m extras
 
 # TF Serving's official client (tensorflow-serving-api, which pulls in tensorflow) against
 # servekit's gRPC API, from an environment of its own; not part of `make test`.
@@ -51,7 +63,7 @@ models: install
 	$(BIN)/python -m servekit.examples.build
 
 clean:
-	rm -rf $(VENV) $(COMPAT) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(COMPAT) $(EXTRAS) .mypy_cache .ruff_cache .pytest_cache
 
 # Throughput against baselines and across protocols (needs wrk and h2load:
 # apt-get install wrk nghttp2-client); see docs/benchmarks.md.

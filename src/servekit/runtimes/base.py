@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ class Runtime(Protocol):
     # True when predict only computes (no I/O, no sleeping), so short calls may run on the
     # event loop thread.
     inline_safe: bool
+    # True when predict runs Python code under the GIL for most of its time, so instances of
+    # the model compute in parallel only in separate processes.
+    holds_gil: bool
 
     def load(self, directory: Path) -> Signature:
         """Load the model files in `directory` and return their signature."""
@@ -55,31 +59,35 @@ class RuntimeNotFoundError(Exception):
     """A version directory holds no file that any runtime loads."""
 
 
+# Model file -> "module:class" of the runtime that loads it, in the order they are looked for.
+# Modules are imported only when chosen, so a runtime's heavy dependencies load only when used.
+RUNTIMES: dict[str, str] = {
+    "model.onnx": "servekit.runtimes.onnx:OnnxRuntime",
+    "model.py": "servekit.runtimes.python:PythonRuntime",
+    "model.tflite": "servekit.runtimes.tflite:TFLiteRuntime",
+}
+# Pickle files, loaded only with allow_pickle because unpickling runs code from the file.
+PICKLE_FILES = ("model.joblib", "model.pkl")
+PICKLE_RUNTIME = "servekit.runtimes.sklearn:SklearnRuntime"
+
+
 def runtime_for(directory: Path, options: RuntimeOptions) -> Runtime:
     """Pick the runtime for a version directory from the model file it contains."""
-    # Imported here so that a runtime's heavy dependencies load only when it is used.
-    from servekit.runtimes.onnx import OnnxRuntime
-    from servekit.runtimes.python import PythonRuntime
-    from servekit.runtimes.tflite import TFLiteRuntime
-
-    candidates: list[tuple[str, type[OnnxRuntime] | type[PythonRuntime] | type[TFLiteRuntime]]]
-    candidates = [
-        (OnnxRuntime.model_file, OnnxRuntime),
-        (PythonRuntime.model_file, PythonRuntime),
-        (TFLiteRuntime.model_file, TFLiteRuntime),
-    ]
-    for file_name, runtime_class in candidates:
-        if (directory / file_name).is_file():
-            return runtime_class(options)
-    from servekit.runtimes.sklearn import MODEL_FILES, SklearnRuntime
-
-    pickles = [name for name in MODEL_FILES if (directory / name).is_file()]
+    for file_name, target in RUNTIMES.items():
+        if (directory / file_name).exists():
+            return _runtime_class(target)(options)
+    pickles = [name for name in PICKLE_FILES if (directory / name).is_file()]
     if pickles and options.allow_pickle:
-        return SklearnRuntime(options)
+        return _runtime_class(PICKLE_RUNTIME)(options)
     if pickles:
         raise RuntimeNotFoundError(
             f"{pickles[0]} is a pickle, and loading it would run code from the file; start the "
             "server with --allow_pickle if you trust it, or convert it with servekit convert"
         )
-    expected = " or ".join([*(file_name for file_name, _ in candidates), *MODEL_FILES])
+    expected = " or ".join([*RUNTIMES, *PICKLE_FILES])
     raise RuntimeNotFoundError(f"no model file found: expected {expected}")
+
+
+def _runtime_class(target: str) -> Any:
+    module_name, _, class_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)

@@ -37,6 +37,7 @@ class OnnxRuntime:
     platform = "onnx_onnxv1"
     model_file = "model.onnx"
     inline_safe = True
+    holds_gil = False
 
     def __init__(self, options: RuntimeOptions) -> None:
         self._options = options

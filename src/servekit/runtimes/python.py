@@ -43,6 +43,7 @@ class PythonRuntime:
     platform = "python"
     model_file = "model.py"
     inline_safe = False
+    holds_gil = True
 
     def __init__(self, options: RuntimeOptions) -> None:
         self._options = options

@@ -17,11 +17,9 @@ from typing import Any
 import numpy as np
 
 from servekit.core.types import DataType, Signature, TensorSpec
-from servekit.runtimes.base import RuntimeOptions
+from servekit.runtimes.base import PICKLE_FILES, RuntimeOptions
 
 logger = logging.getLogger(__name__)
-
-MODEL_FILES = ("model.joblib", "model.pkl")
 
 
 class SklearnRuntime:
@@ -29,6 +27,7 @@ class SklearnRuntime:
 
     platform = "sklearn"
     inline_safe = False
+    holds_gil = True
 
     def __init__(self, options: RuntimeOptions) -> None:
         self._options = options
@@ -37,7 +36,7 @@ class SklearnRuntime:
     def load(self, directory: Path) -> Signature:
         import joblib
 
-        path = next(directory / name for name in MODEL_FILES if (directory / name).is_file())
+        path = next(directory / name for name in PICKLE_FILES if (directory / name).is_file())
         logger.warning("loading pickled model %s: this runs code from the file", path)
         model = joblib.load(path)
         features = int(model.n_features_in_)

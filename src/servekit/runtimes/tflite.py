@@ -25,6 +25,7 @@ class TFLiteRuntime:
     platform = "tflite"
     model_file = "model.tflite"
     inline_safe = True
+    holds_gil = False
 
     def __init__(self, options: RuntimeOptions) -> None:
         self._options = options
