@@ -108,3 +108,55 @@ def test_usage_errors(mlp: Path, arguments: list[str], expected: str) -> None:
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(path.name for path in mlp.iterdir()) == ["1"]
+
+
+def test_quality_limit_tries_per_channel_before_giving_up(mlp: Path) -> None:
+    result = run(
+        str(mlp), "--version", "1", "--validation", str(mlp.parent / "validation.npz"),
+        "--min-cosine", "1", "--seconds", "0.1",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "also with one scale per channel" in result.stderr
+
+
+PYTHON_MODEL = """
+import numpy as np
+import onnxruntime as ort
+
+
+class Model:
+    inputs = [("pixels", "FP32", [-1, 784])]
+    outputs = [("scores", "FP32", [-1, 10])]
+
+    def load(self, directory, options):
+        settings = ort.SessionOptions()
+        settings.intra_op_num_threads = options.intra_op_threads
+        self.session = ort.InferenceSession(str(directory / "net.onnx"), settings)
+        self.threads = options.intra_op_threads
+
+    def predict(self, inputs):
+        (name,) = [node.name for node in self.session.get_inputs()]
+        return {"scores": self.session.run(None, {name: inputs["pixels"]})[-1]}
+"""
+
+
+def test_file_inside_a_python_model(mlp: Path) -> None:
+    """--file quantizes one ONNX file of a Python model, measured through model.py."""
+    version = mlp / "1"
+    (version / "model.onnx").rename(version / "net.onnx")
+    (version / "model.py").write_text(PYTHON_MODEL)
+    images = np.load(mlp.parent / "validation.npz")["images"]
+    labels = np.load(mlp.parent / "validation.npz")["labels"]
+    np.savez(mlp.parent / "pixels.npz", pixels=images, labels=labels)
+    report = report_of(
+        run(str(mlp), "--version", "1", "--file", "net.onnx", "--per-channel",
+            "--validation", str(mlp.parent / "pixels.npz"), "--max-accuracy-drop", "0.02",
+            "--seconds", "0.1")
+    )  # fmt: skip
+    assert report["file"] == "net.onnx"
+    assert report["quality"]["rows"] == 450
+    assert report["quality"]["agreement"] >= 0.98
+    assert report["size_bytes"]["quantized"] < report["size_bytes"]["original"] / 3
+    assert sorted(path.name for path in (mlp / "2").iterdir()) == [
+        "model.py", "net.onnx", "quantize.json",
+    ]  # fmt: skip

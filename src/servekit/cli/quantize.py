@@ -14,7 +14,9 @@ from servekit.tools.quantize import MODES
 @click.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--version", "version", type=click.IntRange(min=0), required=True,
-              help="Version to quantize (its model.onnx).")  # fmt: skip
+              help="Version to quantize.")  # fmt: skip
+@click.option("--file", "model_file", default="model.onnx", show_default=True,
+              help="The version's ONNX file to quantize; its other files are copied.")  # fmt: skip
 @click.option("--mode", type=click.Choice(MODES), default="int8-dynamic", show_default=True)
 @click.option("--per-channel", is_flag=True, help="One int8 scale per output channel.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),

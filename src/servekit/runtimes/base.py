@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,6 +88,8 @@ def runtime_for(directory: Path, options: RuntimeOptions) -> Runtime:
     raise RuntimeNotFoundError(f"no model file found: expected {expected}")
 
 
-def _runtime_class(target: str) -> Any:
+def _runtime_class(target: str) -> Callable[[RuntimeOptions], Runtime]:
     module_name, _, class_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    runtime_class: Callable[[RuntimeOptions], Runtime]
+    runtime_class = getattr(importlib.import_module(module_name), class_name)
+    return runtime_class

@@ -6,8 +6,8 @@ The class declares its signature and computes outputs with numpy::
         inputs = [("text", "BYTES", [-1])]
         outputs = [("length", "INT64", [-1])]
 
-        def load(self, directory):          # optional
-            ...
+        def load(self, directory):          # optional; may take a second argument,
+            ...                             # the RuntimeOptions (threads) of the server
 
         def predict(self, inputs):
             return {"length": np.array([len(t) for t in inputs["text"]], dtype=np.int64)}
@@ -24,6 +24,7 @@ outputs. Each takes and returns a dict of arrays, for the whole batch at once.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,7 +61,10 @@ class PythonRuntime:
         spec.loader.exec_module(module)
         model = module.Model()
         if hasattr(model, "load"):
-            model.load(directory)
+            if len(inspect.signature(model.load).parameters) >= 2:
+                model.load(directory, self._options)
+            else:
+                model.load(directory)
         signature = Signature(
             inputs=tuple(_tensor_spec(item) for item in model.inputs),
             outputs=tuple(_tensor_spec(item) for item in model.outputs),
