@@ -27,6 +27,10 @@ def staged_version(model_dir: Path, version: int) -> Iterator[Path]:
     if target.exists():
         raise ValueError(f"version {version} already exists in {model_dir}")
     work = Path(tempfile.mkdtemp(prefix=f".servekit-{version}-", dir=model_dir))
+    # mkdtemp makes the folder private; a version is as readable as any folder made here.
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)
     try:
         yield work
         os.replace(work, target)

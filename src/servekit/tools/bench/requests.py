@@ -202,8 +202,17 @@ def file_inputs(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray[Any
                 f"{path}: rows of input {spec.name} have shape {list(rows_shape)}, but the model "
                 f"expects {list(expected)} (-1 means any size)"
             )
-        result[spec.name] = array.astype(spec.datatype.numpy_dtype)
+        if spec.datatype.is_bytes:
+            # BYTES tensors hold bytes; text from JSON or Parquet arrives as str.
+            encode = np.vectorize(_utf8, otypes=[object])
+            result[spec.name] = encode(array) if array.size else array.astype(object)
+        else:
+            result[spec.name] = array.astype(spec.datatype.numpy_dtype)
     return result
+
+
+def _utf8(item: Any) -> bytes:
+    return item.encode() if isinstance(item, str) else bytes(item)
 
 
 def encode_pool(
