@@ -4,7 +4,10 @@ An example, with every key optional::
 
     version_policy: {latest: 1}  # or {all: {}} or {specific: [1, 2]}
     labels: {stable: 1, canary: 2}
-    instances: 2                 # concurrent executions (threads) of each version
+    runtime: onnx                # choose the runtime instead of going by the model files
+    instances: 2                 # concurrent executions of each version
+    instance_kind: auto          # auto, thread or process (auto: processes for runtimes
+                                 # that hold the GIL, such as model.py, when instances > 1)
     intra_op_threads: 1          # runtime threads inside one operator
     batching:
       enabled: true              # on by default when every input's first dimension varies
@@ -33,6 +36,7 @@ from servekit.config.protos.batching_parameters_pb2 import BatchingParameters
 from servekit.core.options import ModelOptions, ServableOptions
 from servekit.repository.layout import ModelSource
 from servekit.repository.policy import VersionPolicy
+from servekit.runtimes.base import RUNTIME_NAMES
 
 MODEL_CONFIG_FILE = "servekit.yaml"
 # BatchingParameters fields that are read but have no servekit equivalent.
@@ -96,7 +100,9 @@ class _ModelFile(BaseModel):
     labels: dict[Annotated[str, Field(pattern=r"^[a-zA-Z0-9_]+$")], Annotated[int, Field(ge=0)]] = (
         Field(default_factory=dict)
     )
+    runtime: Literal[tuple(RUNTIME_NAMES)] | None = None  # type: ignore[valid-type]
     instances: int | None = Field(None, ge=1)
+    instance_kind: Literal["auto", "thread", "process"] | None = None
     intra_op_threads: int | None = Field(None, ge=0)
     inter_op_threads: int | None = Field(None, ge=0)
     batching: _Batching | None = None
@@ -153,11 +159,16 @@ def _merge(parsed: _ModelFile, defaults: ServableOptions) -> ServableOptions:
         runtime = dataclasses.replace(runtime, intra_op_threads=parsed.intra_op_threads)
     if parsed.inter_op_threads is not None:
         runtime = dataclasses.replace(runtime, inter_op_threads=parsed.inter_op_threads)
+    if parsed.runtime is not None:
+        runtime = dataclasses.replace(runtime, runtime=parsed.runtime)
     batching = defaults.batching
     if parsed.batching is not None:
         batching = _merge_batching(parsed.batching, batching)
     return ServableOptions(
-        instances=parsed.instances or defaults.instances, runtime=runtime, batching=batching
+        instances=parsed.instances or defaults.instances,
+        instance_kind=parsed.instance_kind or defaults.instance_kind,
+        runtime=runtime,
+        batching=batching,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from servekit.batching.config import BatchingConfig
 from servekit.repository.policy import VersionPolicy
@@ -13,8 +14,11 @@ from servekit.runtimes.base import RuntimeOptions
 class ServableOptions:
     """The execution settings of one model's versions: `servekit.yaml` merged over the flags."""
 
-    # Concurrent executions of the runtime, each in its own thread.
+    # Concurrent executions of the runtime.
     instances: int = 1
+    # Where instances run: threads, processes, or "auto" (processes for runtimes that hold the
+    # GIL when there is more than one instance, threads otherwise).
+    instance_kind: Literal["auto", "thread", "process"] = "auto"
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 

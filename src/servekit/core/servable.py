@@ -28,6 +28,7 @@ from servekit.core.options import ServableOptions
 from servekit.core.types import InferenceRequest, InferenceResponse, Signature
 from servekit.core.warmup import run_warmup
 from servekit.runtimes.base import Runtime, RuntimeNotFoundError, runtime_for
+from servekit.runtimes.processes import ProcessInstances
 
 logger = logging.getLogger(__name__)
 # How long a retired version waits for its routed requests, and how often it checks.
@@ -137,6 +138,8 @@ class Servable:
         runtime: Runtime | None = None
         try:
             runtime = runtime_for(self.directory, self._options.runtime)
+            if self._in_processes(runtime):
+                runtime = ProcessInstances(runtime, self._options.runtime, self._options.instances)
             self._signature = runtime.load(self.directory)
             # Warmup runs before the version is AVAILABLE, so a model that loads but cannot
             # compute (or computes wrong outputs) never takes traffic.
@@ -157,6 +160,12 @@ class Servable:
             self.fail(f"failed to load: {reason}", code)
             return None
         return runtime
+
+    def _in_processes(self, runtime: Runtime) -> bool:
+        kind = self._options.instance_kind
+        if kind == "auto":
+            return runtime.holds_gil and self._options.instances > 1
+        return kind == "process"
 
     def _start(self, runtime: Runtime) -> None:
         """Create the instance threads and the batcher in front of a loaded runtime."""

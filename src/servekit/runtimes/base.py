@@ -23,6 +23,8 @@ class RuntimeOptions:
     spinning: bool = False
     # Whether pickled models (which run code when loaded) may be loaded.
     allow_pickle: bool = False
+    # A name from RUNTIME_NAMES, or None to choose by the model files present.
+    runtime: str | None = None
 
 
 class Runtime(Protocol):
@@ -61,24 +63,47 @@ class RuntimeNotFoundError(Exception):
 
 # Model file -> "module:class" of the runtime that loads it, in the order they are looked for.
 # Modules are imported only when chosen, so a runtime's heavy dependencies load only when used.
+# A model.py comes first: it is custom code that may itself load the other files.
 RUNTIMES: dict[str, str] = {
-    "model.onnx": "servekit.runtimes.onnx:OnnxRuntime",
     "model.py": "servekit.runtimes.python:PythonRuntime",
+    "model.onnx": "servekit.runtimes.onnx:OnnxRuntime",
+    # PyTorch files load only with allow_pickle; the runtime raises the load error.
+    "model.pt": "servekit.runtimes.torch:TorchScriptRuntime",
+    "model.pt2": "servekit.runtimes.torch:TorchExportRuntime",
     "model.tflite": "servekit.runtimes.tflite:TFLiteRuntime",
+    "saved_model.pb": "servekit.runtimes.tensorflow:TensorFlowRuntime",
+    "model.keras": "servekit.runtimes.tensorflow:TensorFlowRuntime",
 }
 # Pickle files, loaded only with allow_pickle because unpickling runs code from the file.
 PICKLE_FILES = ("model.joblib", "model.pkl")
 PICKLE_RUNTIME = "servekit.runtimes.sklearn:SklearnRuntime"
+# The names that `runtime:` in servekit.yaml accepts, to choose a runtime whatever the files.
+RUNTIME_NAMES: dict[str, str] = {
+    "onnx": RUNTIMES["model.onnx"],
+    "python": RUNTIMES["model.py"],
+    "torchscript": RUNTIMES["model.pt"],
+    "torch_export": RUNTIMES["model.pt2"],
+    "tflite": RUNTIMES["model.tflite"],
+    "tensorflow": RUNTIMES["saved_model.pb"],
+    "sklearn": PICKLE_RUNTIME,
+}
 
 
 def runtime_for(directory: Path, options: RuntimeOptions) -> Runtime:
-    """Pick the runtime for a version directory from the model file it contains."""
+    """Pick the runtime for a version directory: the one named in options, or by its files."""
+    if options.runtime is not None:
+        if options.runtime == "sklearn" and not options.allow_pickle:
+            raise RuntimeNotFoundError(
+                "the sklearn runtime loads pickles, which run code from the file; start the "
+                "server with --allow_pickle if you trust them"
+            )
+        return runtime_class(RUNTIME_NAMES[options.runtime])(options)
     for file_name, target in RUNTIMES.items():
         if (directory / file_name).exists():
-            return _runtime_class(target)(options)
+            return runtime_class(target)(options)
     pickles = [name for name in PICKLE_FILES if (directory / name).is_file()]
     if pickles and options.allow_pickle:
-        return _runtime_class(PICKLE_RUNTIME)(options)
+        return runtime_class(PICKLE_RUNTIME)(options)
     if pickles:
         raise RuntimeNotFoundError(
             f"{pickles[0]} is a pickle, and loading it would run code from the file; start the "
@@ -88,7 +113,7 @@ def runtime_for(directory: Path, options: RuntimeOptions) -> Runtime:
     raise RuntimeNotFoundError(f"no model file found: expected {expected}")
 
 
-def _runtime_class(target: str) -> Callable[[RuntimeOptions], Runtime]:
+def runtime_class(target: str) -> Callable[[RuntimeOptions], Runtime]:
     module_name, _, class_name = target.partition(":")
     runtime_class: Callable[[RuntimeOptions], Runtime]
     runtime_class = getattr(importlib.import_module(module_name), class_name)

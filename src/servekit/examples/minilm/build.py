@@ -50,7 +50,7 @@ def build(output: Path, version: int | None = None, bucketing: bool = True) -> d
         settings = {"max_tokens": MAX_TOKENS, "bucketing": bucketing}
         (work / "minilm.json").write_text(json.dumps(settings, indent=2) + "\n")
         cosines = _compare(weights, work)
-        report = {
+        report: dict[str, Any] = {
             "version": version,
             "texts_compared": len(cosines),
             "min_cosine": float(np.min(cosines)),
