@@ -92,3 +92,49 @@ def test_pickle_needs_permission_and_loads_nothing(tmp_path: Path) -> None:
     assert "--allow-pickle" in result.stderr
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["xgboost", "lightgbm", "hist_gradient_boosting", "xgb_reg"])
+def test_gradient_boosting_models_convert(
+    tmp_path: Path, digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]], kind: str
+) -> None:
+    import lightgbm
+    import xgboost
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    features, labels = digits
+    model = {
+        "xgboost": lambda: xgboost.XGBClassifier(n_estimators=20, max_depth=3, n_jobs=1),
+        "lightgbm": lambda: lightgbm.LGBMClassifier(n_estimators=20, verbose=-1, n_jobs=1),
+        "hist_gradient_boosting": lambda: HistGradientBoostingClassifier(max_iter=20),
+        "xgb_reg": lambda: xgboost.XGBRegressor(n_estimators=20, max_depth=3, n_jobs=1),
+    }[kind]().fit(features.astype(np.float32), labels)
+    joblib.dump(model, tmp_path / "model.joblib")
+    folder = tmp_path / "repository" / kind
+    result = run(
+        str(tmp_path / "model.joblib"), "--output", str(folder),
+        "--sample", str(tmp_path / "sample.npy"), "--allow-pickle",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout[result.stdout.index("{\n") :])
+    assert report["max_difference"] <= 1e-4
+    if kind == "xgb_reg":
+        assert report["kind"] == "regressor"
+    else:
+        assert report["label_agreement"] == 1.0
+
+    sample = np.load(tmp_path / "sample.npy")
+    server = ServerProcess("--model_repository", str(folder.parent))
+    try:
+        response = httpx.post(
+            f"{server.url}/v1/models/{kind}:predict", json={"instances": sample[:40].tolist()}
+        )
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text
+    if kind == "xgb_reg":
+        served = np.array(response.json()["predictions"]).ravel()
+        assert np.allclose(served, model.predict(sample[:40]), atol=1e-4)
+    else:
+        served_labels = [row["label"] for row in response.json()["predictions"]]
+        assert served_labels == model.predict(sample[:40]).tolist()

@@ -1,5 +1,8 @@
 """`servekit convert sklearn`: a scikit-learn model as an ONNX version, checked against itself.
 
+XGBoost and LightGBM estimators (their scikit-learn classes, such as `XGBClassifier`) convert
+the same way, with onnxmltools' converters (the `gbm` extra).
+
 A pickled or joblib model file runs code when it is loaded, so conversion needs
 `--allow-pickle` and logs a warning naming the file. skl2onnx converts the model, with
 classifiers built without ZipMap so that they output a label tensor and a probability tensor.
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "convert.json"
+_BOOSTING_OPSET = 17
 
 
 class ConversionMismatchError(Exception):
@@ -48,10 +52,11 @@ def convert_sklearn(
 
     logger.warning("loading pickled model %s: this runs code from the file", source)
     model = joblib.load(source)
-    rows = _sample_rows(sample)
+    rows = sample_rows(sample)
     classifier = hasattr(model, "predict_proba")
+    target_opset = _register_boosting_converters(model)
     options = {id(model): {"zipmap": False}} if classifier else None
-    onnx_model = to_onnx(model, rows[:1], options=options, target_opset=None)
+    onnx_model = to_onnx(model, rows[:1], options=options, target_opset=target_opset)
     model_dir.mkdir(parents=True, exist_ok=True)
     version = version if version is not None else next_version(model_dir)
     with staged_version(model_dir, version) as work:
@@ -64,7 +69,44 @@ def convert_sklearn(
     return report
 
 
-def _sample_rows(sample: Path) -> np.ndarray[Any, Any]:
+def _register_boosting_converters(model: Any) -> dict[str, int] | None:
+    """Register onnxmltools' converter for an XGBoost or LightGBM `model`; return its opsets.
+
+    skl2onnx converts scikit-learn's own estimators (HistGradientBoosting among them) by itself,
+    at its latest opsets (None). The `gbm` extra installs xgboost, lightgbm and onnxmltools.
+    """
+    package = type(model).__module__.partition(".")[0]
+    if package not in ("xgboost", "lightgbm"):
+        return None
+    from skl2onnx import update_registered_converter
+    from skl2onnx.common.shape_calculator import (
+        calculate_linear_classifier_output_shapes,
+        calculate_linear_regressor_output_shapes,
+    )
+
+    if package == "xgboost":
+        from onnxmltools.convert.xgboost.operator_converters.XGBoost import (
+            convert_xgboost as converter,
+        )
+    else:
+        from onnxmltools.convert.lightgbm.operator_converters.LightGbm import (
+            convert_lightgbm as converter,
+        )
+    classifier = hasattr(model, "predict_proba")
+    shapes = (
+        calculate_linear_classifier_output_shapes
+        if classifier
+        else calculate_linear_regressor_output_shapes
+    )
+    options = {"nocl": [True, False], "zipmap": [True, False, "columns"]} if classifier else None
+    alias = f"{package}{type(model).__name__}"
+    update_registered_converter(type(model), alias, shapes, converter, options=options)
+    # onnxmltools' tree converters write version 3 of the ai.onnx.ml operators.
+    return {"": _BOOSTING_OPSET, "ai.onnx.ml": 3}
+
+
+def sample_rows(sample: Path) -> np.ndarray[Any, Any]:
+    """Load the rows to compare from a .npy or .npz file (its first array) as FP32."""
     if sample.suffix == ".npz":
         with np.load(sample, allow_pickle=False) as archive:
             rows = archive[archive.files[0]]
