@@ -226,6 +226,7 @@ def test_invalid_timeout_header(batching_server: ServerProcess) -> None:
 def test_server_timeout_flag(tmp_path: Path) -> None:
     root = write_batching_repository(tmp_path)
     server = ServerProcess("--model_repository", str(root), "--rest_api_timeout_in_ms", "400")
+    server.url  # noqa: B018 (waits for the start, which is not part of the timing)
     started = time.monotonic()
     response = httpx.post(
         f"{server.url}/v1/models/slow_pair:predict", json=slow_body(2.0), timeout=10

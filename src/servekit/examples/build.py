@@ -3,7 +3,9 @@
     python -m servekit.examples.build [OUTPUT_DIR]
 
 Needs the `dev` extra (scikit-learn, skl2onnx, onnx, scipy) at the versions it pins. With those,
-the ONNX files come out byte for byte the same as the committed ones. Nothing is downloaded.
+the ONNX files come out byte for byte the same as the committed ones on the same kind of CPU;
+elsewhere OpenBLAS's kernels round differently, and the weights differ in the last digits.
+Nothing is downloaded.
 
 - `digits/1/model.onnx`: standard scaling and logistic regression on the 64 pixel values exactly
   as `sklearn.datasets.load_digits().data` gives them (floats 0 to 16). Input `pixels`
