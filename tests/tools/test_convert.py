@@ -123,18 +123,26 @@ def test_gradient_boosting_models_convert(
     else:
         assert report["label_agreement"] == 1.0
 
+    # The pickle itself is served too, with --allow_pickle, beside its ONNX conversion.
+    pickled = folder.parent / f"{kind}_pickle" / "1"
+    pickled.mkdir(parents=True)
+    (tmp_path / "model.joblib").rename(pickled / "model.joblib")
     sample = np.load(tmp_path / "sample.npy")
-    server = ServerProcess("--model_repository", str(folder.parent))
+    server = ServerProcess("--model_repository", str(folder.parent), "--allow_pickle")
     try:
-        response = httpx.post(
-            f"{server.url}/v1/models/{kind}:predict", json={"instances": sample[:40].tolist()}
-        )
+        responses = [
+            httpx.post(
+                f"{server.url}/v1/models/{name}:predict", json={"instances": sample[:40].tolist()}
+            )
+            for name in (kind, f"{kind}_pickle")
+        ]
     finally:
         server.stop()
-    assert response.status_code == 200, response.text
-    if kind == "xgb_reg":
-        served = np.array(response.json()["predictions"]).ravel()
-        assert np.allclose(served, model.predict(sample[:40]), atol=1e-4)
-    else:
-        served_labels = [row["label"] for row in response.json()["predictions"]]
-        assert served_labels == model.predict(sample[:40]).tolist()
+    for response in responses:
+        assert response.status_code == 200, response.text
+        if kind == "xgb_reg":
+            served = np.array(response.json()["predictions"]).ravel()
+            assert np.allclose(served, model.predict(sample[:40]), atol=1e-4)
+        else:
+            served_labels = [row["label"] for row in response.json()["predictions"]]
+            assert served_labels == model.predict(sample[:40]).tolist()

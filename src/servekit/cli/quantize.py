@@ -1,4 +1,4 @@
-"""`servekit quantize`: write an int8 or fp16 version of an ONNX model, checked for quality."""
+"""`servekit quantize`: write an int8 or fp16 version of an ONNX or TensorFlow model, checked."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from servekit.tools.quantize import MODES
               help="Version to quantize.")  # fmt: skip
 @click.option("--file", "model_file", default="model.onnx", show_default=True,
               help="The version's ONNX file to quantize; its other files are copied.")  # fmt: skip
-@click.option("--mode", type=click.Choice(MODES), default="int8-dynamic", show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="int8-dynamic", show_default=True,
+              help="For a SavedModel or Keras version: TFLite dynamic range, full integer "
+                   "(calibrated) or float16 quantization.")  # fmt: skip
 @click.option("--per-channel", is_flag=True, help="One int8 scale per output channel.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Rows for int8-static calibration (.npy, .npz or .jsonl).")  # fmt: skip
@@ -35,10 +37,18 @@ def quantize(model_dir: Path, **options: Any) -> None:
     """Quantize version --version of MODEL_DIR and write it as a new version with a report."""
     from servekit.tools.quantize import QualityError, QuantizeSettings
     from servekit.tools.quantize import quantize as run_quantize
+    from servekit.tools.quantize_tflite import quantize_tflite, tensorflow_source
 
     settings = QuantizeSettings(model_dir=model_dir.resolve(), **options)
+    # A version with saved_model.pb or model.keras and no ONNX file is quantized to TFLite.
+    tensorflow = tensorflow_source(settings) is not None
     try:
-        report = run_quantize(settings)
+        report = quantize_tflite(settings) if tensorflow else run_quantize(settings)
+    except ImportError as exc:
+        extra = "tflite" if exc.name == "ai_edge_litert" else "tensorflow"
+        raise click.ClickException(
+            f"quantizing needs {exc.name}: pip install 'servekit[{extra}]'"
+        ) from None
     except QualityError as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, ValueError, KeyError) as exc:

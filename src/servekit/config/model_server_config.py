@@ -53,13 +53,18 @@ def read_model_config_file(path: Path) -> list[ModelSource]:
     return sources
 
 
+# Platforms a config entry may name. The runtime is still chosen by each version's files, so
+# TF Serving's usual "tensorflow" works for SavedModels as written.
+_PLATFORMS = ("", "onnx", "python", "tensorflow", "tflite", "pytorch", "sklearn")
+
+
 def _source(config: ModelConfig, folder: Path) -> ModelSource:
     if not config.name or not config.base_path:
         raise ConfigError("every config entry needs a name and a base_path")
-    if config.model_platform not in ("", "onnx", "python"):
+    if config.model_platform not in _PLATFORMS:
         raise ConfigError(
             f"model {config.name}: model_platform {config.model_platform!r} is not supported; "
-            "use onnx or python"
+            f"use one of {', '.join(sorted(filter(None, _PLATFORMS)))}"
         )
     for label in config.version_labels:
         if not _LABEL.fullmatch(label):

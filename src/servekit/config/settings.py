@@ -71,8 +71,9 @@ class ServerSettings(BaseSettings):
     )
     allow_pickle: bool = Field(
         False,
-        description="Serve scikit-learn models stored as model.joblib or model.pkl. Loading "
-        "a pickle runs code from the file, so only use it for files you trust.",
+        description="Serve pickled models: scikit-learn's model.joblib or model.pkl, and "
+        "PyTorch's model.pt and model.pt2. Loading a pickle runs code from the file, so only "
+        "use it for files you trust.",
     )
     runtime_spinning: bool = Field(
         False,

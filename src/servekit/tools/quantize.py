@@ -79,26 +79,26 @@ def quantize(settings: QuantizeSettings) -> dict[str, Any]:
     source = source_dir / settings.model_file
     if not source.is_file():
         raise ValueError(f"{source} does not exist; quantize works on ONNX files")
-    _check_settings(settings)
+    check_settings(settings)
     version = settings.output_version
     output_version = version if version is not None else next_version(settings.model_dir)
     onnx_specs = _input_specs(source)
-    with _loaded(source_dir) as (original, signature):
-        validation = _validation(settings.validation, signature)
+    with loaded_version(source_dir) as (original, signature):
+        validation = read_validation(settings.validation, signature)
         with staged_version(settings.model_dir, output_version) as work:
             _copy_companions(source_dir, work, settings.model_file)
             quantized = work / settings.model_file
             attempts: list[dict[str, Any]] = []
             for per_channel in _per_channel_choices(settings):
                 _convert(settings, per_channel, source, quantized, onnx_specs)
-                with _loaded(work) as (candidate, _):
+                with loaded_version(work) as (candidate, _):
                     quality = None
                     if validation is not None:
-                        quality = _quality(original, candidate, signature, *validation)
-                    problem = _quality_problem(quality, settings)
+                        quality = measure_quality(original, candidate, signature, *validation)
+                    problem = quality_problem(quality, settings)
                     attempts.append({"per_channel": per_channel, "quality": quality})
                     if problem is None:
-                        speed = _speed(original, candidate, signature, validation, settings)
+                        speed = measure_speed(original, candidate, signature, validation, settings)
                         break
             else:
                 tried = " (also with one scale per channel)" if len(attempts) > 1 else ""
@@ -125,7 +125,8 @@ def quantize(settings: QuantizeSettings) -> dict[str, Any]:
     return report
 
 
-def _check_settings(settings: QuantizeSettings) -> None:
+def check_settings(settings: QuantizeSettings) -> None:
+    """Raise ValueError for an unknown mode or a missing --calibration or --validation file."""
     if settings.mode not in MODES:
         raise ValueError(f"unknown mode {settings.mode!r}; use one of {', '.join(MODES)}")
     if settings.mode == "int8-static" and settings.calibration is None:
@@ -144,7 +145,7 @@ def _per_channel_choices(settings: QuantizeSettings) -> tuple[bool, ...]:
 
 
 @contextlib.contextmanager
-def _loaded(directory: Path) -> Iterator[tuple[Runtime, Signature]]:
+def loaded_version(directory: Path) -> Iterator[tuple[Runtime, Signature]]:
     """Load a version with the runtime that serves it, on one thread, and unload it after."""
     runtime = runtime_for(directory, RuntimeOptions(intra_op_threads=1, inter_op_threads=1))
     signature = runtime.load(directory)
@@ -206,19 +207,22 @@ class _Calibration:
     """Feeds calibration rows to ONNX Runtime's static quantizer, a batch at a time."""
 
     def __init__(self, arrays: dict[str, np.ndarray[Any, Any]]) -> None:
-        self._batches = _batches(arrays)
+        self._batches = row_batches(arrays)
 
     def get_next(self) -> dict[str, np.ndarray[Any, Any]] | None:
         return next(self._batches, None)
 
 
-def _batches(arrays: dict[str, np.ndarray[Any, Any]]) -> Iterator[dict[str, np.ndarray[Any, Any]]]:
+def row_batches(
+    arrays: dict[str, np.ndarray[Any, Any]],
+) -> Iterator[dict[str, np.ndarray[Any, Any]]]:
+    """Yield the arrays' rows in batches of 32, cut to the shortest array."""
     rows = min(len(array) for array in arrays.values())
     for start in range(0, rows, _BATCH):
         yield {name: array[start : start + _BATCH] for name, array in arrays.items()}
 
 
-def _validation(
+def read_validation(
     path: Path | None, signature: Signature
 ) -> tuple[dict[str, np.ndarray[Any, Any]], np.ndarray[Any, Any] | None] | None:
     """Read the validation inputs, and the `labels` array of an .npz if it has one."""
@@ -254,7 +258,7 @@ def _random_feed(signature: Signature, rows: int) -> dict[str, np.ndarray[Any, A
     return feed
 
 
-def _speed(
+def measure_speed(
     original: Runtime,
     quantized: Runtime,
     signature: Signature,
@@ -300,17 +304,18 @@ def _predict_all(
     runtime: Runtime, feed: dict[str, np.ndarray[Any, Any]], outputs: tuple[str, ...]
 ) -> dict[str, np.ndarray[Any, Any]]:
     """Run every validation row, a batch at a time, and join the outputs."""
-    parts = [runtime.predict(batch, outputs) for batch in _batches(feed)]
+    parts = [runtime.predict(batch, outputs) for batch in row_batches(feed)]
     return {name: np.concatenate([part[name] for part in parts]) for name in outputs}
 
 
-def _quality(
+def measure_quality(
     original: Runtime,
     quantized: Runtime,
     signature: Signature,
     feed: dict[str, np.ndarray[Any, Any]],
     labels: np.ndarray[Any, Any] | None,
 ) -> dict[str, Any]:
+    """Compare both versions' float outputs on the validation rows, and their accuracy."""
     names = signature.output_names
     before = _predict_all(original, feed, names)
     after = _predict_all(quantized, feed, names)
@@ -337,7 +342,7 @@ def _quality(
     return quality
 
 
-def _quality_problem(quality: dict[str, Any] | None, settings: QuantizeSettings) -> str | None:
+def quality_problem(quality: dict[str, Any] | None, settings: QuantizeSettings) -> str | None:
     """Say how the quantized model breaks the quality limits, or None when it keeps them."""
     if quality is None:
         return None
