@@ -12,6 +12,7 @@ import pytest
 
 from servekit.core.types import DataType, TensorSpec
 from servekit.tools.bench.requests import (
+    FILE_POOL_SIZE,
     Target,
     encode,
     encode_pool,
@@ -73,6 +74,18 @@ def test_random_inputs_follow_the_metadata() -> None:
     document = json.loads(payloads[0].body)
     assert [item["shape"] for item in document["inputs"]] == [[2, 3], [2]]
     assert all(isinstance(text, str) for text in document["inputs"][1]["data"])
+
+
+def test_file_rows_fill_a_larger_pool(tmp_path: Path) -> None:
+    """Every text of a file is sent, not only the first 64, and JSON text arrives as bytes."""
+    texts = [f"text number {index}" for index in range(300)]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"t": t}) + "\n" for t in texts))
+    specs = [TensorSpec("t", DataType.BYTES, (-1,))]
+    arrays = file_inputs(tmp_path / "texts.jsonl", specs)
+    assert arrays["t"][0] == b"text number 0"
+    payloads = encode_pool(Target("http://h", "v2", "m"), specs, arrays, 1, FILE_POOL_SIZE)
+    assert len(payloads) == 300
+    assert json.loads(payloads[-1].body)["inputs"][0]["data"] == ["text number 299"]
 
 
 def test_float32_json_is_shortest() -> None:

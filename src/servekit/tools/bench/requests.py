@@ -4,8 +4,10 @@ Inputs are random tensors shaped from the model's metadata, where a dimension of
 becomes the rows per request if it is the first and 1 elsewhere. Or they are rows read from a
 file: `.npy` for the model's only input, `.npz` with one array per input name, JSON Lines with
 one object per row keyed by input name, or Parquet with one column per input (list columns
-become 2-D). Up to 64 requests of `rows` consecutive rows are encoded once, before the load
-starts, and requests cycle through them, so encoding costs nothing during the measurement.
+become 2-D). Requests of `rows` consecutive rows are encoded once, before the load starts, and
+requests cycle through them, so encoding costs nothing during the measurement: 64 of random
+rows, and up to 4096 of a file's rows (and 64 MiB of bodies), so that inputs of varied sizes,
+such as texts, are sampled as the file has them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from servekit.core.types import DataType, TensorSpec
 PROTOCOLS = ("tfserving", "v2", "v2-binary", "grpc")
 # Distinct request bodies prepared for one step; requests cycle through them.
 _POOL_SIZE = 64
+FILE_POOL_SIZE = 4096
+_POOL_BYTES = 64 * 2**20
 _TF_NAMES = {member.tf_name: member for member in DataType}
 
 
@@ -216,17 +220,25 @@ def _utf8(item: Any) -> bytes:
 
 
 def encode_pool(
-    target: Target, specs: list[TensorSpec], arrays: dict[str, np.ndarray[Any, Any]], rows: int
+    target: Target,
+    specs: list[TensorSpec],
+    arrays: dict[str, np.ndarray[Any, Any]],
+    rows: int,
+    limit: int = _POOL_SIZE,
 ) -> list[Payload]:
-    """Encode up to `_POOL_SIZE` requests of `rows` rows each, in the target's protocol."""
+    """Encode up to `limit` requests of `rows` rows each, in the target's protocol."""
     available = min(len(arrays[spec.name]) for spec in specs)
     if available < rows:
         raise ValueError(f"the inputs have {available} rows, fewer than --rows {rows}")
-    payloads = []
-    for index in range(min(_POOL_SIZE, max(1, available // rows))):
+    payloads: list[Payload] = []
+    size = 0
+    for index in range(min(limit, max(1, available // rows))):
         start = index * rows
         batch = {spec.name: arrays[spec.name][start : start + rows] for spec in specs}
         payloads.append(encode(target, specs, batch))
+        size += len(payloads[-1].body)
+        if size > _POOL_BYTES:
+            break
     return payloads
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from servekit.tools.bench.load import StepPlan, run_step
 from servekit.tools.bench.requests import (
+    FILE_POOL_SIZE,
     Target,
     encode_pool,
     fetch_inputs,
@@ -66,9 +67,10 @@ def run_bench(settings: BenchSettings, on_step: StepStarted | None = None) -> di
     specs = fetch_inputs(target)
     if settings.input_file is not None:
         arrays = file_inputs(settings.input_file, specs)
+        payloads = encode_pool(target, specs, arrays, settings.rows, FILE_POOL_SIZE)
     else:
         arrays = random_inputs(specs, settings.rows, settings.seed)
-    payloads = encode_pool(target, specs, arrays, settings.rows)
+        payloads = encode_pool(target, specs, arrays, settings.rows)
 
     def measure(load: float) -> dict[str, Any]:
         plan = StepPlan(
