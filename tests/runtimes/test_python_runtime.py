@@ -86,10 +86,12 @@ def test_pickle_served_only_when_allowed(tmp_path: Path) -> None:
         response = httpx.post(
             f"{refused.url}/v1/models/digits_lr:predict", json={"instances": rows.tolist()}
         )
+        status = httpx.get(f"{refused.url}/v1/models/digits_lr").json()
     finally:
         refused.stop()
     message = assert_json_error(response, 503)
     assert "--allow_pickle" in message
+    assert status["model_version_status"][0]["status"]["error_code"] == "FAILED_PRECONDITION"
 
     allowed = ServerProcess("--model_repository", str(tmp_path), "--allow_pickle")
     try:
@@ -104,3 +106,44 @@ def test_pickle_served_only_when_allowed(tmp_path: Path) -> None:
         [row["probabilities"] for row in predictions], model.predict_proba(rows), atol=1e-6
     )
     assert "loading pickled model" in allowed.log
+
+
+OUTPUT_SHAPES_SOURCE = """
+import numpy as np
+
+
+class Model:
+    inputs = [("x", "FP32", [-1]), ("mode", "INT32", [-1])]
+    outputs = [("y", "FP32", [-1])]
+
+    def predict(self, inputs):
+        mode = int(inputs["mode"][0])
+        rows = len(inputs["x"])
+        if mode == 1:
+            return {"y": np.zeros((rows, 3))}      # a rank the signature does not declare
+        if mode == 2:
+            return {"y": np.zeros(rows + 2)}       # rows that belong to no caller
+        if mode == 3:
+            return [inputs["x"]]                   # not a dict
+        return {"y": inputs["x"] * 2}
+"""
+
+
+def test_python_outputs_checked_against_signature(tmp_path: Path) -> None:
+    write_python_model(tmp_path, "shapes", OUTPUT_SHAPES_SOURCE, "batching: {enabled: false}\n")
+    server = ServerProcess("--model_repository", str(tmp_path))
+    url = f"{server.url}/v1/models/shapes:predict"
+    try:
+        responses = {
+            mode: httpx.post(url, json={"inputs": {"x": [1.0], "mode": [mode]}})
+            for mode in (0, 1, 2, 3)
+        }
+    finally:
+        server.stop()
+    assert responses[0].json() == {"outputs": [2.0]}
+    for mode in (1, 2, 3):
+        assert_json_error(responses[mode], 500)
+    log = "".join(server.lines)
+    assert "returned output 'y' with shape [1, 3], but it declares [-1]" in log
+    assert "returned 3 rows of output 'y' for 1 input rows" in log
+    assert "returned a list, not a dict of output arrays" in log

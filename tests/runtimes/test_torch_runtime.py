@@ -14,7 +14,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from servekit.core.types import DataType, TensorSpec
-from servekit.runtimes.base import RuntimeOptions, runtime_for
+from servekit.runtimes.base import PickleNotAllowedError, RuntimeOptions, runtime_for
 from tests.conftest import ServerProcess, assert_json_error
 
 pytestmark = [
@@ -189,7 +189,7 @@ def test_pytorch_files_need_allow_pickle(digits: DigitsModel, tmp_path: Path) ->
     save_exported(digits.module, tmp_path / "export")
     for version in (tmp_path / "ts", tmp_path / "export"):
         runtime = runtime_for(version, RuntimeOptions())
-        with pytest.raises(ValueError, match="--allow_pickle"):
+        with pytest.raises(PickleNotAllowedError, match="--allow_pickle"):
             runtime.load(version)
 
 

@@ -146,3 +146,22 @@ def test_gradient_boosting_models_convert(
         else:
             served_labels = [row["label"] for row in response.json()["predictions"]]
             assert served_labels == model.predict(sample[:40]).tolist()
+
+
+def test_sample_errors_are_one_line(
+    tmp_path: Path, digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+) -> None:
+    features, labels = digits
+    joblib.dump(LogisticRegression(max_iter=300).fit(features, labels), tmp_path / "m.joblib")
+    np.save(tmp_path / "narrow.npy", np.zeros((5, 63), np.float32))
+    (tmp_path / "garbage.npy").write_bytes(b"not an array")
+    for sample, expected in (
+        ("narrow.npy", "has rows of 63 values, but the model takes 64 features"),
+        ("garbage.npy", "is not a NumPy .npy file of plain arrays"),
+    ):
+        result = run(str(tmp_path / "m.joblib"), "--output", str(tmp_path / "out"),
+                     "--sample", str(tmp_path / sample), "--allow_pickle")  # fmt: skip
+        assert result.returncode == 1
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -155,3 +155,24 @@ def test_unreadable_file_is_reported(sample: Path, tmp_path: Path) -> None:
     assert "PyTorch cannot read the file" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_torchscript_keeps_signature_file_names(
+    digits: DigitsModel, sample: Path, tmp_path: Path
+) -> None:
+    """A signature.json beside the .pt names the ONNX tensors as the server names the .pt."""
+    save_torchscript(digits, tmp_path / "source")
+    (tmp_path / "source" / "signature.json").write_text(json.dumps({
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 64]}],
+        "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, 10]}],
+    }))  # fmt: skip
+    result = run(
+        str(tmp_path / "source" / "model.pt"), "--output", str(tmp_path / "digits"),
+        "--sample", str(sample), "--allow-pickle",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    session = ort.InferenceSession(
+        str(tmp_path / "digits" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert [node.name for node in session.get_inputs()] == ["image"]
+    assert [node.name for node in session.get_outputs()] == ["scores"]

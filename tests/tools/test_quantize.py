@@ -160,3 +160,16 @@ def test_file_inside_a_python_model(mlp: Path) -> None:
     assert sorted(path.name for path in (mlp / "2").iterdir()) == [
         "model.py", "net.onnx", "quantize.json",
     ]  # fmt: skip
+
+
+def test_models_without_quantizable_operators(tmp_path: Path) -> None:
+    """skl2onnx's models (two default-domain opsets, ML operators) get a clear answer."""
+    folder = tmp_path / "digits"
+    shutil.copytree(EXAMPLE_REPOSITORY / "digits", folder)
+    int8 = run(str(folder), "--version", "1", "--seconds", "0.1")
+    assert int8.returncode == 1
+    assert "no operator of model.onnx can be quantized to int8" in int8.stderr
+    assert "LinearClassifier" in int8.stderr
+    assert sorted(path.name for path in folder.iterdir()) == ["1"]
+    fp16 = run(str(folder), "--version", "1", "--mode", "fp16", "--seconds", "0.1")
+    assert report_of(fp16)["output_version"] == 2

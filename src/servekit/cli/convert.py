@@ -22,8 +22,13 @@ _COMMON_OPTIONS = [
     click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
                  help="Largest difference allowed between the two models' outputs."),
 ]  # fmt: skip
+# Both spellings, as `servekit serve` takes both.
 _ALLOW_PICKLE = click.option(
-    "--allow-pickle", is_flag=True, help="Load SOURCE although loading it runs code from the file."
+    "--allow-pickle",
+    "--allow_pickle",
+    "allow_pickle",
+    is_flag=True,
+    help="Load SOURCE although loading it runs code from the file.",
 )
 _FORMAT = click.option(
     "--format", "target_format", type=click.Choice(["onnx", "tflite"]), default="onnx",

@@ -18,8 +18,8 @@ from servekit.tools.quantize import MODES
 @click.option("--file", "model_file", default="model.onnx", show_default=True,
               help="The version's ONNX file to quantize; its other files are copied.")  # fmt: skip
 @click.option("--mode", type=click.Choice(MODES), default="int8-dynamic", show_default=True,
-              help="For a SavedModel or Keras version: TFLite dynamic range, full integer "
-                   "(calibrated) or float16 quantization.")  # fmt: skip
+              help="int8 weights, int8 weights and activations (calibrated), or float16; "
+                   "for a SavedModel or Keras version, the TFLite equivalents.")  # fmt: skip
 @click.option("--per-channel", is_flag=True, help="One int8 scale per output channel.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Rows for int8-static calibration (.npy, .npz or .jsonl).")  # fmt: skip

@@ -27,7 +27,12 @@ from servekit.core.errors import (
 from servekit.core.options import ServableOptions
 from servekit.core.types import InferenceRequest, InferenceResponse, Signature
 from servekit.core.warmup import run_warmup
-from servekit.runtimes.base import Runtime, RuntimeNotFoundError, runtime_for
+from servekit.runtimes.base import (
+    PickleNotAllowedError,
+    Runtime,
+    RuntimeNotFoundError,
+    runtime_for,
+)
 from servekit.runtimes.processes import ProcessInstances
 
 logger = logging.getLogger(__name__)
@@ -154,7 +159,11 @@ class Servable:
             # The message reaches clients through the status API, so the server's own
             # directory layout is replaced by the model and version it stands for.
             reason = str(exc).replace(str(self.directory), f"{self.model_name}/{self.version}")
-            code = "NOT_FOUND" if isinstance(exc, RuntimeNotFoundError) else "UNKNOWN"
+            code = "UNKNOWN"
+            if isinstance(exc, RuntimeNotFoundError):
+                code = "NOT_FOUND"
+            elif isinstance(exc, PickleNotAllowedError):
+                code = "FAILED_PRECONDITION"
             if runtime is not None:
                 runtime.unload()
             self.fail(f"failed to load: {reason}", code)

@@ -61,6 +61,10 @@ class RuntimeNotFoundError(Exception):
     """A version directory holds no file that any runtime loads."""
 
 
+class PickleNotAllowedError(Exception):
+    """A model file that runs code when loaded, in a server started without allow_pickle."""
+
+
 # Model file -> "module:class" of the runtime that loads it, in the order they are looked for.
 # Modules are imported only when chosen, so a runtime's heavy dependencies load only when used.
 # A model.py comes first: it is custom code that may itself load the other files.
@@ -93,7 +97,7 @@ def runtime_for(directory: Path, options: RuntimeOptions) -> Runtime:
     """Pick the runtime for a version directory: the one named in options, or by its files."""
     if options.runtime is not None:
         if options.runtime == "sklearn" and not options.allow_pickle:
-            raise RuntimeNotFoundError(
+            raise PickleNotAllowedError(
                 "the sklearn runtime loads pickles, which run code from the file; start the "
                 "server with --allow_pickle if you trust them"
             )
@@ -105,7 +109,7 @@ def runtime_for(directory: Path, options: RuntimeOptions) -> Runtime:
     if pickles and options.allow_pickle:
         return runtime_class(PICKLE_RUNTIME)(options)
     if pickles:
-        raise RuntimeNotFoundError(
+        raise PickleNotAllowedError(
             f"{pickles[0]} is a pickle, and loading it would run code from the file; start the "
             "server with --allow_pickle if you trust it, or convert it with servekit convert"
         )

@@ -75,6 +75,8 @@ class ProcessInstances:
             instance.connection.send((inputs, tuple(outputs)))
             ok, value = instance.connection.recv()
         except (EOFError, OSError):
+            # The pipe closes as the process dies; wait a moment for its exit code.
+            instance.process.join(1.0)
             code = instance.process.exitcode
             logger.error("a model process (pid %s) ended mid-call, code %s; starting another",
                          instance.process.pid, code)  # fmt: skip

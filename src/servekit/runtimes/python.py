@@ -50,6 +50,8 @@ class PythonRuntime:
         self._options = options
         self._model: Any = None
         self._output_dtypes: dict[str, np.dtype[Any]] = {}
+        self._outputs: dict[str, TensorSpec] = {}
+        self._batch_inputs: list[str] = []
 
     def load(self, directory: Path) -> Signature:
         # A unique module name per load keeps two versions of one model apart.
@@ -71,26 +73,54 @@ class PythonRuntime:
         )
         self._model = model
         self._output_dtypes = {spec.name: spec.datatype.numpy_dtype for spec in signature.outputs}
+        self._outputs = {spec.name: spec for spec in signature.outputs}
+        self._batch_inputs = [spec.name for spec in signature.inputs if spec.shape[:1] == (-1,)]
         return signature
 
     def predict(
         self, inputs: dict[str, np.ndarray[Any, Any]], outputs: Sequence[str]
     ) -> dict[str, np.ndarray[Any, Any]]:
         model = self._model
+        rows = len(inputs[self._batch_inputs[0]]) if self._batch_inputs else None
         if hasattr(model, "preprocess"):
             inputs = model.preprocess(inputs)
         results = model.predict(inputs)
         if hasattr(model, "postprocess"):
             results = model.postprocess(results)
+        if not isinstance(results, dict):
+            raise ValueError(
+                f"model.py returned a {type(results).__name__}, not a dict of output arrays"
+            )
         missing = [name for name in outputs if name not in results]
         if missing:
             raise ValueError(
                 f"model.py returned no output {missing[0]!r}; it returned {sorted(results)}"
             )
         # Cast to the declared datatype so a model returning float64 for FP32 stays in contract.
-        return {
+        arrays = {
             name: np.asarray(results[name], dtype=self._output_dtypes[name]) for name in outputs
         }
+        self._check_shapes(arrays, rows)
+        return arrays
+
+    def _check_shapes(self, arrays: dict[str, np.ndarray[Any, Any]], rows: int | None) -> None:
+        """Raise ValueError for an output whose shape breaks its declaration or the row count.
+
+        An output whose first dimension is -1 must have one row per input row, or rows would be
+        answered to the wrong callers once requests are batched together.
+        """
+        for name, array in arrays.items():
+            spec = self._outputs[name]
+            if not spec.shape_matches(array.shape):
+                raise ValueError(
+                    f"model.py returned output {name!r} with shape {list(array.shape)}, but it "
+                    f"declares {list(spec.shape)} (-1 means any size)"
+                )
+            if rows is not None and spec.shape and spec.shape[0] == -1 and len(array) != rows:
+                raise ValueError(
+                    f"model.py returned {len(array)} rows of output {name!r} for {rows} input "
+                    "rows; outputs with a variable first dimension need one row per input row"
+                )
 
     def unload(self) -> None:
         self._model = None

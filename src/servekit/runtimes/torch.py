@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from servekit.core.types import DataType, Signature, TensorSpec
-from servekit.runtimes.base import RuntimeOptions
+from servekit.runtimes.base import PickleNotAllowedError, RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class _TorchRuntime:
     def load(self, directory: Path) -> Signature:
         path = directory / self.model_file
         if not self._options.allow_pickle:
-            raise ValueError(
+            raise PickleNotAllowedError(
                 f"{self.model_file} is a PyTorch file, and loading it can run code from the "
                 "file; start the server with --allow_pickle if you trust it"
             )

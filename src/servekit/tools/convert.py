@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from servekit.tools.bench.requests import load_arrays
 from servekit.tools.versions import next_version, staged_version
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ def convert_sklearn(
     logger.warning("loading pickled model %s: this runs code from the file", source)
     model = joblib.load(source)
     rows = sample_rows(sample)
+    features = getattr(model, "n_features_in_", None)
+    if features is not None and rows.shape[1] != features:
+        raise ValueError(
+            f"{sample} has rows of {rows.shape[1]} values, but the model takes {features} features"
+        )
     classifier = hasattr(model, "predict_proba")
     target_opset = _register_boosting_converters(model)
     options = {id(model): {"zipmap": False}} if classifier else None
@@ -107,12 +113,10 @@ def _register_boosting_converters(model: Any) -> dict[str, int] | None:
 
 def sample_rows(sample: Path) -> np.ndarray[Any, Any]:
     """Load the rows to compare from a .npy or .npz file (its first array) as FP32."""
-    if sample.suffix == ".npz":
-        with np.load(sample, allow_pickle=False) as archive:
-            rows = archive[archive.files[0]]
-    else:
-        rows = np.load(sample, allow_pickle=False)
-    rows = np.asarray(rows, dtype=np.float32)
+    arrays = load_arrays(sample)
+    if not arrays:
+        raise ValueError(f"{sample} contains no array")
+    rows = np.asarray(arrays[0], dtype=np.float32)
     if rows.ndim != 2 or len(rows) == 0:
         raise ValueError(f"{sample} must hold a 2-D array of rows (rows x features)")
     return rows

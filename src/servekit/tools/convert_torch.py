@@ -10,7 +10,8 @@ must have been exported as dynamic (`torch.export.Dim`), because a program trace
 batch size cannot be re-exported for others. In torch 2.13 that exporter rejects TorchScript
 modules, so a `.pt` file goes through the TorchScript-based exporter, with the first dimension
 of every input and output marked dynamic. Its input takes the name of `forward`'s argument and
-its outputs are `output_0`, `output_1`, ... in the order returned.
+its outputs are `output_0`, `output_1`, ... in the order returned, unless a `signature.json`
+beside SOURCE names them: then the ONNX model keeps the names the server gives the original.
 
 The model must take one tensor input, which the `--sample` rows fill: as FP32 for a `.pt`
 file, and cast to the input's datatype for a `.pt2` program. Both models run on those rows, and
@@ -33,7 +34,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from servekit.runtimes.torch import datatype_from_torch, exported_signature, name_outputs
+from servekit.runtimes.torch import (
+    SIGNATURE_FILE,
+    datatype_from_torch,
+    exported_signature,
+    name_outputs,
+    read_signature_file,
+)
 from servekit.tools.convert import (
     MODEL_FILE,
     REPORT_FILE,
@@ -79,6 +86,7 @@ def convert_pytorch(
     logger.warning("loading PyTorch model %s: this can run code from the file", source)
     rows = sample_rows(sample)
     model = _load(source, rows)
+    _apply_signature_file(model, source.parent / SIGNATURE_FILE)
     expected = _run_torch(model)
 
     model_dir_created = not model_dir.exists()
@@ -100,6 +108,17 @@ def convert_pytorch(
         raise
     report["written"] = str(model_dir / str(version))
     return report
+
+
+def _apply_signature_file(model: _LoadedModel, path: Path) -> None:
+    """Take the tensor names of a signature.json beside SOURCE, as the server does."""
+    if not path.is_file():
+        return
+    inputs, outputs = read_signature_file(path)
+    if inputs is not None and len(inputs) == 1:
+        model.input_name = inputs[0].name
+    if outputs is not None:
+        model.output_names = tuple(spec.name for spec in outputs)
 
 
 def _load(source: Path, rows: np.ndarray[Any, Any]) -> _LoadedModel:

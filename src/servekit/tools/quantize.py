@@ -178,29 +178,64 @@ def _convert(
     target: Path,
     specs: list[TensorSpec],
 ) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
 
-    if settings.mode == "int8-dynamic":
-        quantize_dynamic(
-            str(source), str(target), weight_type=QuantType.QInt8, per_channel=per_channel
-        )
-    elif settings.mode == "int8-static":
-        assert settings.calibration is not None
-        arrays = file_inputs(settings.calibration, specs)
-        quantize_static(
-            str(source),
-            str(target),
-            _Calibration(arrays),
-            per_channel=per_channel,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QInt8,
-        )
-    else:
-        import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+    # ONNX Runtime's quantizer reads the file itself, so a cleaned copy goes beside the target.
+    cleaned = target.with_name(f".source-{target.name}")
+    onnx.save(_merged_opsets(onnx.load(str(source))), str(cleaned))
+    try:
+        if settings.mode == "int8-dynamic":
+            quantize_dynamic(
+                str(cleaned), str(target), weight_type=QuantType.QInt8, per_channel=per_channel
+            )
+        elif settings.mode == "int8-static":
+            assert settings.calibration is not None
+            arrays = file_inputs(settings.calibration, specs)
+            quantize_static(
+                str(cleaned),
+                str(target),
+                _Calibration(arrays),
+                per_channel=per_channel,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QInt8,
+            )
+        else:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-        onnx.save(model, str(target))
+            model = convert_float_to_float16(onnx.load(str(cleaned)), keep_io_types=True)
+            onnx.save(model, str(target))
+    finally:
+        cleaned.unlink(missing_ok=True)
+    if settings.mode != "fp16":
+        _check_quantized(onnx.load(str(target)), source.name)
+
+
+def _merged_opsets(model: Any) -> Any:
+    """Keep one opset import per domain (the highest), as ONNX Runtime's quantizer requires.
+
+    skl2onnx lists the default domain twice in the models it writes.
+    """
+    from onnx import helper
+
+    versions: dict[str, int] = {}
+    for opset in model.opset_import:
+        versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(domain, v) for domain, v in versions.items())
+    return model
+
+
+def _check_quantized(model: Any, name: str) -> None:
+    """Raise ValueError when the quantizer left every operator in float."""
+    integer_ops = [node.op_type for node in model.graph.node if "Integer" in node.op_type
+                   or "Quantize" in node.op_type or node.op_type.startswith("QLinear")]  # fmt: skip
+    if not integer_ops:
+        kinds = sorted({node.op_type for node in model.graph.node})
+        raise ValueError(
+            f"no operator of {name} can be quantized to int8: ONNX Runtime quantizes MatMul, "
+            f"Gemm, Conv and their kin, and this model has {', '.join(kinds)}; nothing written"
+        )
 
 
 class _Calibration:

@@ -157,10 +157,9 @@ def file_inputs(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray[Any
             raise ValueError(
                 f"{path} contains one array, but the model has {len(specs)} inputs; use .npz"
             )
-        arrays = {specs[0].name: np.load(path, allow_pickle=False)}
+        arrays = {specs[0].name: load_arrays(path)[0]}
     elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+        arrays = dict(zip(*_named_arrays(path), strict=True))
     elif suffix in (".jsonl", ".ndjson"):
         rows = []
         for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -213,6 +212,28 @@ def file_inputs(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray[Any
         else:
             result[spec.name] = array.astype(spec.datatype.numpy_dtype)
     return result
+
+
+def load_arrays(path: Path) -> list[np.ndarray[Any, Any]]:
+    """Read the arrays of a .npy file (one) or an .npz file (in order), refusing pickles.
+
+    NumPy's own message for a file that is not an array suggests allowing pickles, which would
+    run code from the file; this raises a ValueError that names the file instead.
+    """
+    return _named_arrays(path)[1]
+
+
+def _named_arrays(path: Path) -> tuple[list[str], list[np.ndarray[Any, Any]]]:
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return list(archive.files), [archive[name] for name in archive.files]
+        return [path.stem], [np.load(path, allow_pickle=False)]
+    except (ValueError, OSError, EOFError):
+        raise ValueError(
+            f"{path} is not a NumPy {path.suffix or '.npy'} file of plain arrays; arrays of "
+            "Python objects are not read, because loading them runs code from the file"
+        ) from None
 
 
 def _utf8(item: Any) -> bytes:
