@@ -32,7 +32,7 @@ class ServerProcess:
 
     running: ClassVar[list[ServerProcess]] = []
 
-    def __init__(self, *flags: str) -> None:
+    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
         # gRPC stays off (its default port 8500 would be shared by every test server) unless a
         # test requests it with --port.
         grpc = [] if "--port" in flags else ["--port", "0"]
@@ -44,7 +44,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.lines: list[str] = []
         self._url: str | None = None

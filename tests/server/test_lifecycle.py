@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servekit.config.settings import tf_serving_container_settings
 from tests.conftest import ServerProcess, assert_json_error
 from tests.toy_models import write_adder
 
@@ -48,6 +49,26 @@ def test_single_model_flags(tmp_path: Path) -> None:
     server.stop()
     assert response.status_code == 200
     assert response.json() == {"predictions": [[2.0, 3.0, 4.0]]}
+
+
+def test_tf_serving_container_variables(tmp_path: Path) -> None:
+    """MODEL_NAME and MODEL_BASE_PATH serve $MODEL_BASE_PATH/$MODEL_NAME, as TF Serving's image."""
+    write_adder(tmp_path, name="plus")
+    server = ServerProcess(env={"MODEL_NAME": "plus", "MODEL_BASE_PATH": str(tmp_path)})
+    response = httpx.post(f"{server.url}/v1/models/plus:predict", json={"instances": [[1, 2, 3]]})
+    server.stop()
+    assert response.json() == {"predictions": [[2.0, 3.0, 4.0]]}
+
+
+def test_flags_win_over_container_variables(tmp_path: Path) -> None:
+    given = {"model_repository": tmp_path}
+    assert tf_serving_container_settings(given, {"MODEL_NAME": "plus"}) == given
+    environ = {"MODEL_NAME": "plus", "SERVEKIT_MODEL_REPOSITORY": str(tmp_path)}
+    assert tf_serving_container_settings({}, environ) == {}
+    assert tf_serving_container_settings({}, {"MODEL_NAME": "plus"}) == {
+        "model_name": "plus",
+        "model_base_path": Path("/models/plus"),
+    }
 
 
 def test_kebab_case_flags_and_json_logs(toy_repository: Path) -> None:

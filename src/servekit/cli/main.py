@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -15,7 +16,7 @@ from servekit.cli.options import options_from
 from servekit.cli.quantize import quantize
 from servekit.cli.tune import tune
 from servekit.config.model_config import describe_validation_error
-from servekit.config.settings import ServerSettings
+from servekit.config.settings import ServerSettings, tf_serving_container_settings
 from servekit.observability.logging import configure_logging
 
 
@@ -30,6 +31,7 @@ def cli() -> None:
 def serve(**flags: Any) -> None:
     """Serve models until Ctrl-C or SIGTERM."""
     given = {name: value for name, value in flags.items() if value is not None}
+    given = tf_serving_container_settings(given, os.environ)
     try:
         settings = ServerSettings(**given)
     except ValidationError as exc:

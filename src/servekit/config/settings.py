@@ -6,8 +6,9 @@ Every setting is also read from an environment variable `SERVEKIT_<NAME>` (for e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -170,3 +171,26 @@ class ServerSettings(BaseSettings):
         if batching_file is not None and not batching_file.is_file():
             raise ValueError(f"batching parameters file {batching_file} does not exist")
         return self
+
+
+# TF Serving's container image serves MODEL_BASE_PATH/MODEL_NAME as MODEL_NAME.
+_SOURCE_SETTINGS = ("model_base_path", "model_repository", "model_config_file")
+_TF_SERVING_BASE_PATH = "/models"
+
+
+def tf_serving_container_settings(
+    given: dict[str, Any], environ: Mapping[str, str]
+) -> dict[str, Any]:
+    """Return `given` with TF Serving's container variables applied, when they are set.
+
+    TF Serving's image serves `$MODEL_BASE_PATH/$MODEL_NAME` (MODEL_BASE_PATH defaults to
+    /models) under the name `$MODEL_NAME`, so deployments that set those variables switch
+    images without changes. They apply only when MODEL_NAME is set and no flag or SERVEKIT_
+    variable names the models already.
+    """
+    name = environ.get("MODEL_NAME")
+    named = any(key in given or f"SERVEKIT_{key.upper()}" in environ for key in _SOURCE_SETTINGS)
+    if not name or named:
+        return given
+    base = Path(environ.get("MODEL_BASE_PATH") or _TF_SERVING_BASE_PATH)
+    return {**given, "model_name": given.get("model_name", name), "model_base_path": base / name}

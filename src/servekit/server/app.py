@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from servekit.config.model_config import ConfigError
-from servekit.core.errors import NotFoundError, ServekitError, shorten
+from servekit.core.errors import NotFoundError, ServekitError, UnavailableError, shorten
 from servekit.core.manager import ModelManager
 from servekit.observability.metrics import CONTENT_TYPE, Metrics
 from servekit.repository.layout import ModelSource
@@ -75,6 +75,11 @@ class ServekitApp:
         self._sampler: asyncio.Task[None] | None = None
         # The gRPC server, if the runner set one up; it starts once the models are loaded.
         self.grpc: GrpcServer | None = None
+        # Set on the first SIGINT or SIGTERM: readiness and new inference requests get 503
+        # while the requests already in flight finish.
+        self.draining = False
+        # HTTP requests between arrival and response, for the drain to wait on.
+        self.active_requests = 0
         self._tfserving = TFServingRoutes(manager)
         self._v2 = V2Routes(manager, management, lambda: self.management_port)
 
@@ -152,6 +157,13 @@ class ServekitApp:
             await asyncio.sleep(_SAMPLE_SECONDS)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.active_requests += 1
+        try:
+            await self._handle_http(scope, receive, send)
+        finally:
+            self.active_requests -= 1
+
+    async def _handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request = Request.from_scope(
             scope, receive, self.max_request_body_bytes, self.request_timeout
@@ -192,6 +204,10 @@ class ServekitApp:
 
     async def _dispatch(self, request: Request) -> Response:
         path = request.raw_path
+        if self.draining and _refused_while_draining(path):
+            raise UnavailableError(
+                "the server is shutting down; send the request to another replica"
+            )
         on_management_port = request.server_port == self.management_port
         if on_management_port and not path.startswith("/v2/repository/"):
             raise NotFoundError(f"unknown path {shorten(path)}; this port serves /v2/repository/")
@@ -221,3 +237,13 @@ class ServekitApp:
             exc.http_status,
             exc.message,
         )
+
+
+def _refused_while_draining(path: str) -> bool:
+    """Tell whether a draining server answers `path` with 503: readiness and new inference.
+
+    Liveness, metadata, status and `/metrics` stay up, so the orchestrator does not restart a
+    draining process and its last figures can still be scraped.
+    """
+    last = path.rsplit("/", 1)[-1]
+    return last in ("ready", "infer") or ":" in last

@@ -6,10 +6,12 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -166,7 +168,7 @@ def run_worker(
         log_config=None,
         server_header=False,
     )
-    _Server(config, app.grpc, app.request_timeout).run(sockets=sockets)
+    _Server(config, app, app.request_timeout).run(sockets=sockets)
 
 
 def build_grpc(settings: ServerSettings, app: ServekitApp) -> GrpcServer:
@@ -200,30 +202,50 @@ def bind_management(settings: ServerSettings, reuse_port: bool = False) -> socke
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, exiting with status 0 after a graceful stop, with the gRPC server.
+    """uvicorn's server with a drain on the first signal, the gRPC server, and exit status 0.
 
-    SIGINT and SIGTERM stop accepting connections, let running requests finish, then run the
-    lifespan shutdown that unloads the models. uvicorn itself raises the signal again once it
-    has shut down, so the process would end with a signal status; servekit returns instead.
-    The gRPC port is bound before the models load, so a busy port fails the start at once, and
-    stops taking calls at the same moment as the HTTP port.
+    The first SIGINT or SIGTERM starts the drain: readiness and new inference requests get 503
+    (the listening socket stays open, so no client sees a refused or reset connection while
+    others finish), gRPC stops taking calls, and the requests in flight and in the batchers
+    finish. When none is left, or `drain_seconds` have passed, the server stops accepting
+    connections and runs the lifespan shutdown that unloads the models. A second signal ends
+    the process at once with status 1, dropping the requests still running.
+
+    uvicorn raises the signal again once it has shut down, so the process would end with a
+    signal status; servekit returns instead. The gRPC port is bound before the models load, so
+    a busy port fails the start at once.
     """
 
-    def __init__(
-        self, config: uvicorn.Config, grpc: GrpcServer | None, grace_seconds: float
-    ) -> None:
+    def __init__(self, config: uvicorn.Config, app: ServekitApp, drain_seconds: float) -> None:
         super().__init__(config)
-        self._grpc = grpc
-        self._grace_seconds = grace_seconds
+        self._app = app
+        self._drain_seconds = drain_seconds
+        self._drain_deadline: float | None = None
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        if self._grpc is not None:
-            self._grpc.bind()
+        if self._app.grpc is not None:
+            self._app.grpc.bind()
         await super().serve(sockets)
 
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_deadline is not None and not self.should_exit:
+            if self._app.grpc is not None:
+                # gRPC refuses new calls from now on and lets the running ones finish.
+                self._app.grpc.begin_stop(self._drain_seconds)
+            idle = self._app.active_requests == 0
+            if idle or time.monotonic() >= self._drain_deadline:
+                if not idle:
+                    logger.warning(
+                        "drain timed out after %.0f s with %d requests in flight; stopping",
+                        self._drain_seconds,
+                        self._app.active_requests,
+                    )
+                self.should_exit = True
+        return await super().on_tick(counter)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        if self._grpc is not None:
-            self._grpc.begin_stop(self._grace_seconds)
+        if self._app.grpc is not None:
+            self._app.grpc.begin_stop(self._drain_seconds)
         await super().shutdown(sockets)
 
     @contextlib.contextmanager
@@ -239,11 +261,26 @@ class _Server(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    # NOTE: a second signal during shutdown makes uvicorn cancel the running requests, which
-    # then get uvicorn's plain-text 500 instead of finishing.
     def _stop(self, sig: int, frame: object) -> None:
-        logger.info("received %s, stopping", signal.Signals(sig).name)
-        self.handle_exit(sig, None)
+        name = signal.Signals(sig).name
+        if self._drain_deadline is None and not self.should_exit:
+            logger.info(
+                "received %s, draining: %d requests in flight, waiting up to %.0f s",
+                name,
+                self._app.active_requests,
+                self._drain_seconds,
+            )
+            self._app.draining = True
+            self._drain_deadline = time.monotonic() + self._drain_seconds
+            return
+        # Model calls cannot be interrupted, so waiting for them would not be stopping at once.
+        logger.warning(
+            "received %s again, stopping now with %d requests in flight",
+            name,
+            self._app.active_requests,
+        )
+        logging.shutdown()
+        os._exit(1)
 
 
 class _JsonErrorProtocol(HttpToolsProtocol):

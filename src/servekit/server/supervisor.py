@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # worker that cannot start does not spin.
 _RESTART_DELAY_SECONDS = 1.0
 _POLL_SECONDS = 0.2
+# How long stopping workers may take, at least; a worker drains for up to its request timeout.
 _STOP_TIMEOUT_SECONDS = 60.0
 # Workers that exit this soon after starting, this many times in a row, are not restarted.
 _QUICK_EXIT_SECONDS = 5.0
@@ -127,7 +128,13 @@ class Supervisor:
     def _on_signal(self, sig: int, frame: object) -> None:
         if not self._stopping:
             logger.info("received %s, stopping the workers", signal.Signals(sig).name)
-        self._stopping = True
+            self._stopping = True
+            return
+        # A second signal reaches the workers too, which then stop without draining.
+        logger.info("received %s again, passing it to the workers", signal.Signals(sig).name)
+        for process in self._workers.values():
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, sig)
 
     def _start(self, index: int, port: int) -> None:
         settings = self._settings
@@ -179,7 +186,8 @@ class Supervisor:
         for process in self._workers.values():
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
+        drain = self._settings.rest_api_timeout_in_ms / 1000
+        deadline = time.monotonic() + max(_STOP_TIMEOUT_SECONDS, drain + 10)
         for process in self._workers.values():
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
