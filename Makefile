@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install serve test test-extras test-compat lint models protos bench clean
+.PHONY: install serve test test-extras test-compat lint models protos bench clean prometheus
 
 install: $(STAMP)
 
@@ -58,12 +58,25 @@ protos: install
 	sed -i 's/^DESCRIPTOR = _descriptor_pool.Default()/from servekit.protocols.protos import POOL\nDESCRIPTOR = POOL/' \
 		src/servekit/protocols/protos/*_pb2.py
 
+# Prometheus and promtool for tests/observability/test_prometheus.py, from Debian's package,
+# unpacked into .tools/prometheus/usr/bin without installing it, so no service starts.
+PROMETHEUS_DIR := .tools/prometheus
+prometheus: $(PROMETHEUS_DIR)/usr/bin/promtool
+
+$(PROMETHEUS_DIR)/usr/bin/promtool:
+	rm -rf $(PROMETHEUS_DIR).download && mkdir -p $(PROMETHEUS_DIR).download
+	cd $(PROMETHEUS_DIR).download && \
+		{ apt-get download prometheus || { apt-get update && apt-get download prometheus; }; }
+	dpkg-deb -x $(PROMETHEUS_DIR).download/prometheus_*.deb $(PROMETHEUS_DIR)
+	rm -rf $(PROMETHEUS_DIR).download
+	test -x $@ && touch $@
+
 # Rebuild the example ONNX models from scikit-learn's bundled digits data.
 models: install
 	$(BIN)/python -m servekit.examples.build
 
 clean:
-	rm -rf $(VENV) $(COMPAT) $(EXTRAS) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(COMPAT) $(EXTRAS) .tools .mypy_cache .ruff_cache .pytest_cache
 
 # Throughput against baselines and across protocols (needs wrk and h2load:
 # apt-get install wrk nghttp2-client); see docs/benchmarks.md.

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servekit.config.settings import tf_serving_container_settings
+from servekit.config.settings import ServerSettings, tf_serving_container_settings
 from tests.conftest import ServerProcess, assert_json_error
 from tests.toy_models import write_adder
 
@@ -54,7 +54,8 @@ def test_single_model_flags(tmp_path: Path) -> None:
 def test_tf_serving_container_variables(tmp_path: Path) -> None:
     """MODEL_NAME and MODEL_BASE_PATH serve $MODEL_BASE_PATH/$MODEL_NAME, as TF Serving's image."""
     write_adder(tmp_path, name="plus")
-    server = ServerProcess(env={"MODEL_NAME": "plus", "MODEL_BASE_PATH": str(tmp_path)})
+    environ = {"MODEL_NAME": "plus", "MODEL_BASE_PATH": str(tmp_path)}
+    server = ServerProcess(env={**environ, "SERVEKIT_MODEL_REPOSITORY": str(tmp_path / "none")})
     response = httpx.post(f"{server.url}/v1/models/plus:predict", json={"instances": [[1, 2, 3]]})
     server.stop()
     assert response.json() == {"predictions": [[2.0, 3.0, 4.0]]}
@@ -63,12 +64,26 @@ def test_tf_serving_container_variables(tmp_path: Path) -> None:
 def test_flags_win_over_container_variables(tmp_path: Path) -> None:
     given = {"model_repository": tmp_path}
     assert tf_serving_container_settings(given, {"MODEL_NAME": "plus"}) == given
+    # The image's default repository gives way to MODEL_NAME.
     environ = {"MODEL_NAME": "plus", "SERVEKIT_MODEL_REPOSITORY": str(tmp_path)}
-    assert tf_serving_container_settings({}, environ) == {}
-    assert tf_serving_container_settings({}, {"MODEL_NAME": "plus"}) == {
+    expected = {
         "model_name": "plus",
         "model_base_path": Path("/models/plus"),
+        "model_repository": None,
+        "model_config_file": None,
     }
+    assert tf_serving_container_settings({}, environ) == expected
+    assert tf_serving_container_settings({}, {"MODEL_NAME": "plus"}) == expected
+
+
+def test_kubernetes_service_links_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Service named servekit sets these in every pod of its namespace.
+    monkeypatch.setenv("SERVEKIT_PORT", "tcp://10.0.0.1:8501")
+    monkeypatch.setenv("SERVEKIT_REST_API_PORT", "tcp://10.0.0.2:80")
+    settings = ServerSettings()
+    assert (settings.port, settings.rest_api_port) == (8500, 8501)
+    monkeypatch.setenv("SERVEKIT_PORT", "9000")
+    assert ServerSettings().port == 9000
 
 
 def test_kebab_case_flags_and_json_logs(toy_repository: Path) -> None:

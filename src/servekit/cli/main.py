@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from servekit import __version__
 from servekit.cli.bench import bench
 from servekit.cli.convert import convert
+from servekit.cli.deploy import deploy
 from servekit.cli.models import models
 from servekit.cli.options import options_from
 from servekit.cli.quantize import quantize
@@ -54,6 +55,7 @@ cli.add_command(bench)
 cli.add_command(tune)
 cli.add_command(quantize)
 cli.add_command(convert)
+cli.add_command(deploy)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -147,6 +147,18 @@ class ServerSettings(BaseSettings):
         False, description="Log one line per HTTP request with its status, time and request id."
     )
 
+    @field_validator("port", "rest_api_port", "model_management_port", mode="before")
+    @classmethod
+    def _skip_service_links(cls, value: Any, info: ValidationInfo) -> Any:
+        """Ignore Kubernetes service links, such as SERVEKIT_PORT=tcp://10.0.0.1:8501.
+
+        Kubernetes sets `<SERVICE>_PORT` in every pod of a namespace, so a Service named
+        `servekit` would otherwise set the gRPC port to an address.
+        """
+        if isinstance(value, str) and value.startswith(("tcp://", "udp://")):
+            return cls.model_fields[info.field_name or ""].default
+        return value
+
     @model_validator(mode="after")
     def _check_model_source(self) -> ServerSettings:
         given = [
@@ -185,12 +197,19 @@ def tf_serving_container_settings(
 
     TF Serving's image serves `$MODEL_BASE_PATH/$MODEL_NAME` (MODEL_BASE_PATH defaults to
     /models) under the name `$MODEL_NAME`, so deployments that set those variables switch
-    images without changes. They apply only when MODEL_NAME is set and no flag or SERVEKIT_
-    variable names the models already.
+    images without changes. They apply when MODEL_NAME is set and no command-line flag names
+    the models; they win over a SERVEKIT_ variable (such as the image's default
+    SERVEKIT_MODEL_REPOSITORY), which is the image's default rather than the deployment's choice.
     """
     name = environ.get("MODEL_NAME")
-    named = any(key in given or f"SERVEKIT_{key.upper()}" in environ for key in _SOURCE_SETTINGS)
-    if not name or named:
+    if not name or any(key in given for key in _SOURCE_SETTINGS):
         return given
     base = Path(environ.get("MODEL_BASE_PATH") or _TF_SERVING_BASE_PATH)
-    return {**given, "model_name": given.get("model_name", name), "model_base_path": base / name}
+    # None overrides any SERVEKIT_ variable for the other sources.
+    cleared = dict.fromkeys(_SOURCE_SETTINGS)
+    return {
+        **given,
+        **cleared,
+        "model_name": given.get("model_name", name),
+        "model_base_path": base / name,
+    }

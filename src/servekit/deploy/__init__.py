@@ -1,0 +1,1 @@
+"""Deployment manifests for running servekit on Kubernetes."""
