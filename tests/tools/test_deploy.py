@@ -29,8 +29,10 @@ from click.testing import CliRunner
 
 from servekit.cli.main import cli, serve
 from servekit.config.settings import ServerSettings
-from servekit.deploy.checks import DeployError, ManifestError, check_manifests, find_problems
-from servekit.deploy.kubernetes import (
+from servekit.examples import EXAMPLE_REPOSITORY
+from servekit.observability.metrics import Metrics
+from servekit.tools.deploy.checks import DeployError, ManifestError, check_manifests, find_problems
+from servekit.tools.deploy.kubernetes import (
     GRPC_PORT,
     MODELS_PATH,
     REST_PORT,
@@ -40,8 +42,6 @@ from servekit.deploy.kubernetes import (
     read_model_configs,
     write_manifests,
 )
-from servekit.examples import EXAMPLE_REPOSITORY
-from servekit.observability.metrics import Metrics
 from tests.conftest import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from servekit import __version__
-from servekit.deploy.kubernetes import (
+from servekit.tools.deploy.kubernetes import (
     DEFAULT_REQUEST_TIMEOUT_MS,
     DEFAULT_TARGET_VALUES,
     METRIC_CHOICES,
@@ -129,8 +129,8 @@ def deploy() -> None:
 )
 def kubernetes(output: Path, **options: Any) -> None:
     """Write Kubernetes manifests (kustomize base and production overlay) for a repository."""
-    from servekit.deploy.checks import DeployError
-    from servekit.deploy.kubernetes import KubernetesOptions, write_manifests
+    from servekit.tools.deploy.checks import DeployError
+    from servekit.tools.deploy.kubernetes import KubernetesOptions, write_manifests
 
     try:
         written = write_manifests(KubernetesOptions(**options), output)

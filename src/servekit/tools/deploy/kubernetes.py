@@ -26,8 +26,8 @@ from servekit import __version__
 from servekit.config.model_config import MODEL_CONFIG_FILE, ConfigError, load_model_options
 from servekit.config.settings import ServerSettings
 from servekit.core.options import ServableOptions
-from servekit.deploy.checks import DeployError, check_manifests
 from servekit.repository.layout import sources_in_repository
+from servekit.tools.deploy.checks import DeployError, check_manifests
 
 REST_PORT = 8501
 GRPC_PORT = 8500
