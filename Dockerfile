@@ -36,17 +36,22 @@ COPY --from=build /opt/servekit /opt/servekit
 COPY ${MODELS} /models
 # The repository at /models is served unless MODEL_NAME is set: then, as in TF Serving's image,
 # the one model at $MODEL_BASE_PATH/$MODEL_NAME is.
+# The address and ports are set here rather than as arguments, so that the health check and
+# the server read the same values; change them with `docker run -e SERVEKIT_REST_API_PORT=...`.
 ENV PATH=/opt/servekit/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     SERVEKIT_MODEL_REPOSITORY=/models \
-    MODEL_BASE_PATH=/models
+    MODEL_BASE_PATH=/models \
+    SERVEKIT_REST_API_HOST=0.0.0.0 \
+    SERVEKIT_REST_API_PORT=8501 \
+    SERVEKIT_PORT=8500
 USER 10001:10001
 EXPOSE 8500 8501
 # Docker's health check; Kubernetes ignores it and uses the probes of its own manifests. It
-# reads the REST port from SERVEKIT_REST_API_PORT when that is how the port was changed.
+# reads the REST port from SERVEKIT_REST_API_PORT, as the server does.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SERVEKIT_REST_API_PORT', '8501') + '/v2/health/ready', timeout=4)"]
 ENTRYPOINT ["servekit", "serve"]
-# Binds every interface inside the container. Arguments given to `docker run` replace these.
-CMD ["--rest_api_host=0.0.0.0", "--rest_api_port=8501", "--port=8500"]
+# Arguments given to `docker run` are passed to `servekit serve`.
+CMD []

@@ -45,6 +45,7 @@ def test_sigterm_drains_accepted_requests(slow_repository: Path) -> None:
         time.sleep(0.2)
         # While the accepted requests run, the port still answers: not ready, no new work.
         readiness = [httpx.get(f"{url}/v2/health/ready", timeout=5) for _ in range(3)]
+        ready_body = readiness[0].json()
         liveness = httpx.get(f"{url}/v2/health/live", timeout=5)
         late_tf = httpx.post(f"{url}/v1/models/slow:predict", json={"instances": [[0.0]]})
         late_v2 = httpx.post(
@@ -59,6 +60,8 @@ def test_sigterm_drains_accepted_requests(slow_repository: Path) -> None:
     assert [response.status_code for response in results] == [200] * IN_FLIGHT
     assert all(response.json() == {"predictions": [[SLEEP_SECONDS]]} for response in results)
     assert [response.status_code for response in readiness] == [503] * 3
+    assert ready_body["ready"] is False
+    assert "shutting down" in ready_body["error"]
     assert liveness.status_code == 200
     assert "shutting down" in assert_json_error(late_tf, 503)
     assert "shutting down" in assert_json_error(late_v2, 503)
@@ -108,3 +111,22 @@ def test_workers_drain_on_sigterm(slow_repository: Path) -> None:
         response = accepted.result()
     assert code == 0
     assert response.status_code == 200
+
+
+def test_second_signal_with_workers_exits_1(slow_repository: Path) -> None:
+    server = ServerProcess(
+        "--model_repository", str(slow_repository), "--workers", "2",
+        "--rest_api_timeout_in_ms", "10000",
+    )  # fmt: skip
+    url = server.url
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        accepted = pool.submit(post_slow, url)
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(10)
+        with pytest.raises(httpx.HTTPError):
+            accepted.result().raise_for_status()
+    server.stop()
+    assert code == 1

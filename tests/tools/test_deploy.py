@@ -624,17 +624,23 @@ def test_dockerfile_exec_forms(instructions: dict[str, list[dockerfile.Command]]
     assert "/v2/health/ready" in healthcheck.value[3]
 
 
-def test_dockerfile_cmd_accepted_by_serve(
+def test_dockerfile_environment_configures_serve(
     instructions: dict[str, list[dockerfile.Command]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The image's settings come from its environment, which the health check reads too."""
     [command] = instructions["CMD"]
-    context = serve.make_context("serve", list(command.value))
-    assert context.params["rest_api_host"] == "0.0.0.0"
-    assert (context.params["rest_api_port"], context.params["port"]) == (REST_PORT, GRPC_PORT)
+    assert list(command.value) == []
+    values = [value for command in instructions["ENV"] for value in command.value]
+    environment = dict(zip(values[::2], values[1::2], strict=True))
     # The repository comes from the environment, so that MODEL_NAME can replace it.
-    environment = [value for command in instructions["ENV"] for value in command.value]
-    assert "SERVEKIT_MODEL_REPOSITORY" in environment
-    assert environment[environment.index("SERVEKIT_MODEL_REPOSITORY") + 1] == MODELS_PATH
+    assert environment["SERVEKIT_MODEL_REPOSITORY"] == MODELS_PATH
+    for name, value in environment.items():
+        if name.startswith("SERVEKIT_") and name != "SERVEKIT_MODEL_REPOSITORY":
+            monkeypatch.setenv(name, value)
+    settings = ServerSettings()
+    assert settings.rest_api_host == "0.0.0.0"
+    assert (settings.rest_api_port, settings.port) == (REST_PORT, GRPC_PORT)
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:

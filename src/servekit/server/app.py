@@ -22,6 +22,7 @@ from servekit.server.http import (
     Scope,
     Send,
     error_response,
+    json_response,
     require_method,
 )
 from servekit.server.tfserving_routes import TFServingRoutes
@@ -205,9 +206,11 @@ class ServekitApp:
     async def _dispatch(self, request: Request) -> Response:
         path = request.raw_path
         if self.draining and _refused_while_draining(path):
-            raise UnavailableError(
-                "the server is shutting down; send the request to another replica"
-            )
+            message = "the server is shutting down; send the request to another replica"
+            if path == "/v2/health/ready":
+                # The same body as any other not-ready answer of this endpoint.
+                return json_response({"ready": False, "error": message}, status=503)
+            raise UnavailableError(message)
         on_management_port = request.server_port == self.management_port
         if on_management_port and not path.startswith("/v2/repository/"):
             raise NotFoundError(f"unknown path {shorten(path)}; this port serves /v2/repository/")

@@ -73,6 +73,8 @@ class Supervisor:
         self._started: dict[int, float] = {}
         self._stopping = False
         self._failed = False
+        # Set by a second signal, which stops the workers without draining.
+        self._forced = False
         self._quick_exits = 0
 
     def run(self) -> None:
@@ -124,6 +126,9 @@ class Supervisor:
             logger.info("all workers stopped")
         if self._failed:
             raise WorkersFailedError("the workers failed to start; see the log above for why")
+        if self._forced:
+            # As a single process does, so that a forced stop is told apart from a clean one.
+            raise SystemExit(1)
 
     def _on_signal(self, sig: int, frame: object) -> None:
         if not self._stopping:
@@ -132,6 +137,7 @@ class Supervisor:
             return
         # A second signal reaches the workers too, which then stop without draining.
         logger.info("received %s again, passing it to the workers", signal.Signals(sig).name)
+        self._forced = True
         for process in self._workers.values():
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, sig)
