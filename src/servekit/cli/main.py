@@ -9,6 +9,7 @@ import click
 from pydantic import ValidationError
 
 from servekit import __version__
+from servekit.cli.batch import batch
 from servekit.cli.bench import bench
 from servekit.cli.convert import convert
 from servekit.cli.deploy import deploy
@@ -52,6 +53,7 @@ def serve(**flags: Any) -> None:
 
 cli.add_command(models)
 cli.add_command(bench)
+cli.add_command(batch)
 cli.add_command(tune)
 cli.add_command(quantize)
 cli.add_command(convert)
