@@ -69,7 +69,7 @@ def test_parquet_predictions_equal_in_process(pixels: np.ndarray[Any, Any], tmp_
     labels, probabilities = expected(pixels)
     assert table.column("label").to_pylist() == labels.tolist()
     assert np.allclose(np.array(table.column("probabilities").to_pylist()), probabilities)
-    assert (tmp_path / "out" / "errors" / "digits.jsonl").read_text() == ""
+    assert (tmp_path / "out" / "_errors" / "digits.jsonl").read_text() == ""
 
 
 @pytest.mark.parametrize("form", ["csv", "jsonl", "npy"])
@@ -117,7 +117,7 @@ def test_bad_rows_go_to_the_errors_file(pixels: np.ndarray[Any, Any], tmp_path: 
     )  # fmt: skip
     assert (report["rows"], report["rejected"]) == (4, 2)
     errors = [
-        json.loads(line) for line in (tmp_path / "out/errors/bad.jsonl").read_text().splitlines()
+        json.loads(line) for line in (tmp_path / "out/_errors/bad.jsonl").read_text().splitlines()
     ]
     assert [error["id"] for error in errors] == [11, 14]
     assert "empty" in errors[0]["reason"]
@@ -162,7 +162,7 @@ def test_failing_rows_are_found_by_halving(tmp_path: Path) -> None:
     )  # fmt: skip
     assert (report["rows"], report["rejected"]) == (39, 1)
     (error,) = [
-        json.loads(line) for line in (tmp_path / "out/errors/x.jsonl").read_text().splitlines()
+        json.loads(line) for line in (tmp_path / "out/_errors/x.jsonl").read_text().splitlines()
     ]
     assert error["id"] == 13
     assert "thirteen is unlucky" in error["reason"]
@@ -229,7 +229,7 @@ def test_rerun_after_a_kill_resumes_without_duplicates(tmp_path: Path) -> None:
         assert table.column("id").to_pylist() == list(range(1000))
         expected_y = np.arange(part * 1000, (part + 1) * 1000, dtype=np.float32) + 1
         assert table.column("y").to_pylist() == expected_y.tolist()
-    assert not list(output.glob(".*partial")) and not list(output.glob("errors/.*partial"))
+    assert not list(output.glob(".*partial")) and not list(output.glob("_errors/.*partial"))
 
 
 @pytest.mark.parametrize(

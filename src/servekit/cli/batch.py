@@ -18,7 +18,7 @@ import click
               help="A Parquet, CSV, JSON Lines or .npy file, or a folder of them.")  # fmt: skip
 @click.option("--output", "output_path", type=click.Path(file_okay=False, path_type=Path),
               required=True,
-              help="Folder for the predictions (Parquet) and errors/ (JSON Lines).")  # fmt: skip
+              help="Folder for the predictions (Parquet) and _errors/ (JSON Lines).")  # fmt: skip
 @click.option("--engine", type=click.Choice(["local", "spark"]), default="local",
               show_default=True, help="Processes on this machine, or Apache Spark.")  # fmt: skip
 @click.option("--version", type=click.IntRange(min=0),

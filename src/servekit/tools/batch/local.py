@@ -2,7 +2,7 @@
 
 Each input file (one file, or every Parquet, CSV, JSON Lines or `.npy` file of a folder, in name
 order) becomes `OUTPUT/<file stem>.parquet`, with the rows it rejected in
-`OUTPUT/errors/<file stem>.jsonl`. Files are read `batch_size` rows at a time and the batches go
+`OUTPUT/_errors/<file stem>.jsonl`. Files are read `batch_size` rows at a time and the batches go
 to a pool of worker processes (spawned, one per core by default), each of which loads the model
 once, with one runtime thread. A Parquet file is shared out by row group: each worker reads its
 row groups itself, `batch_size` rows at a time, so the main process only writes. Other files are

@@ -7,8 +7,9 @@ from pathlib import Path
 
 # File types read as input, by suffix.
 INPUT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".npy")
-# Rejected rows go to this folder of the output, as JSON Lines of {"id": ..., "reason": ...}.
-ERRORS_FOLDER = "errors"
+# Rejected rows go to this folder of the output, as JSON Lines of {"id": ..., "reason": ...};
+# the underscore makes Spark and pyarrow skip it when they read the output as a dataset.
+ERRORS_FOLDER = "_errors"
 
 
 @dataclass(frozen=True)
