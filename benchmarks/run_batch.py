@@ -5,15 +5,16 @@
 The input is one Parquet file of scikit-learn's digits repeated to `--rows` rows (a list column
 `pixels` of 64 FP32 values), scored with the example `digits` model. Three ways, in turn:
 
-- a plain loop in this process: pyarrow reads 8,192-row batches, onnxruntime scores them, and
-  a ParquetWriter writes the id and both outputs, as one would write it by hand;
+- a plain loop, as one would write it by hand: pyarrow reads 8,192-row batches, onnxruntime
+  scores them, and a ParquetWriter writes the id and both outputs, in one process;
 - `servekit batch` with the local engine (a worker process per core);
 - `servekit batch --engine spark` in `local[N]` mode (N = cores), run by `--spark-python`,
   an interpreter with the `spark` extra; skipped when it has no pyspark.
 
-For each: wall time, rows per second, and CPU seconds per million rows (user + system of this
-process for the loop; of the finished child processes for the engines, which for Spark covers
-its Python workers and the JVM).
+Each runs as a command of its own (this script with `--plain-loop` for the loop), so every
+figure includes starting Python, importing the libraries and loading the model. For each: wall
+time, rows per second, and CPU seconds per million rows (user + system of the finished child
+processes, which for Spark covers its Python workers and the JVM).
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sklearn.datasets import load_digits
-
-sys.path.insert(0, str(Path(__file__).parent))
-from run_throughput import machine
 
 from servekit.examples import EXAMPLE_REPOSITORY
 
@@ -44,6 +41,8 @@ BATCH = 8192
 
 
 def write_input(path: Path, rows: int) -> None:
+    from sklearn.datasets import load_digits
+
     digits = load_digits().data.astype(np.float32)
     with pq.ParquetWriter(path, pa.schema([("pixels", pa.list_(pa.float32(), 64))])) as writer:
         for start in range(0, rows, 100_000):
@@ -53,8 +52,7 @@ def write_input(path: Path, rows: int) -> None:
             writer.write_table(pa.table({"pixels": column}))
 
 
-def plain_loop(source: Path, target: Path) -> dict[str, float]:
-    cpu, wall = time.process_time(), time.perf_counter()
+def plain_loop(source: Path, target: Path) -> None:
     session = ort.InferenceSession(str(MODEL / "1" / "model.onnx"))
     schema = pa.schema([("id", pa.int64()), ("label", pa.int64()),
                         ("probabilities", pa.list_(pa.float32()))])  # fmt: skip
@@ -68,22 +66,24 @@ def plain_loop(source: Path, target: Path) -> dict[str, float]:
             scores = pa.ListArray.from_arrays(offsets, pa.array(probabilities.reshape(-1)))
             writer.write_batch(pa.record_batch([ids, pa.array(labels), scores], schema=schema))
             row += len(labels)
-    return {"seconds": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
+def timed(command: list[str]) -> dict[str, float]:
+    """Run a command; return its wall time and the CPU time of it and its children."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    subprocess.run(command, capture_output=True, check=True)
+    seconds = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"seconds": seconds, "cpu": cpu}
 
 
 def engine(python: str, source: Path, target: Path, extra: list[str]) -> dict[str, float]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = time.perf_counter()
-    result = subprocess.run(
+    return timed(
         [python, "-m", "servekit", "batch", str(MODEL), "--input", str(source),
-         "--output", str(target), "--no-progress", *extra],
-        capture_output=True, text=True, check=True,
+         "--output", str(target), "--no-progress", *extra]
     )  # fmt: skip
-    seconds = time.perf_counter() - wall
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    report = json.loads(result.stdout[result.stdout.index("{") :])
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"seconds": seconds, "cpu": cpu, "rows": report["rows"]}
 
 
 def has_pyspark(python: str) -> bool:
@@ -98,14 +98,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--spark-python", default=".venv-extras/bin/python")
+    parser.add_argument("--plain-loop", nargs=2, type=Path, metavar=("SOURCE", "TARGET"),
+                        help="run only the plain loop (used by this script)")  # fmt: skip
     args = parser.parse_args()
+    if args.plain_loop:
+        plain_loop(*args.plain_loop)
+        return
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as name:
         directory = Path(name)
         source = directory / "digits.parquet"
         write_input(source, args.rows)
-        results["plain loop (pyarrow + onnxruntime, 1 process)"] = plain_loop(
-            source, directory / "plain.parquet"
+        results["plain loop (pyarrow + onnxruntime, 1 process)"] = timed(
+            [sys.executable, __file__, "--plain-loop", str(source), str(directory / "p.parquet")]
         )
         results["servekit batch, local engine"] = engine(
             sys.executable, source, directory / "local", []
@@ -114,6 +119,10 @@ def main() -> None:
             results["servekit batch, Spark local[N]"] = engine(
                 args.spark_python, source, directory / "spark", ["--engine", "spark"]
             )
+    # Imported here, so the plain loop's own command imports only what it uses.
+    sys.path.insert(0, str(Path(__file__).parent))
+    from run_throughput import machine
+
     print(json.dumps(machine()))
     print(f"\n| {args.rows:,} rows | seconds | rows/s | CPU s per million rows | vs plain loop |")
     print("|---|---|---|---|---|")

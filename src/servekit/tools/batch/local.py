@@ -2,13 +2,13 @@
 
 Each input file (one file, or every Parquet, CSV, JSON Lines or `.npy` file of a folder, in name
 order) becomes `OUTPUT/<file stem>.parquet`, with the rows it rejected in
-`OUTPUT/_errors/<file stem>.jsonl`. Files are read `batch_size` rows at a time and the batches go
-to a pool of worker processes (spawned, one per core by default), each of which loads the model
-once, with one runtime thread. A Parquet file is shared out by row group: each worker reads its
-row groups itself, `batch_size` rows at a time, so the main process only writes. Other files are
-read by the main process and sent out batch by batch. At most two tasks per worker are in
-flight, so memory follows the batch size (and the row-group size), not the size of the data.
-Results are written in input order.
+`OUTPUT/_errors/<file stem>.jsonl`. The work goes to a pool of worker processes (one per core
+by default, forked on Linux), each of which loads the model once, with one runtime thread. A
+Parquet file is shared out by row group: each worker reads its row groups itself,
+`batch_size` rows at a time, so the main process only writes. Other files are read by the main
+process and sent out batch by batch. At most two tasks per worker are in flight, so memory
+follows the batch size (and the row-group size), not the size of the data. Results are written
+in input order.
 
 Both files of an input are written under hidden `.partial` names and renamed when complete, the
 predictions last, so a `.parquet` in the output is always whole. A rerun skips the inputs whose
@@ -39,6 +39,10 @@ from servekit.tools.batch.scoring import version_directory as find_version
 from servekit.tools.batch.settings import ERRORS_FOLDER, INPUT_SUFFIXES, BatchReport, BatchSettings
 
 PARTIAL = ".partial"
+# Workers are forked where the platform can, because spawning one re-imports numpy, pyarrow
+# and the runtime, which costs more than scoring a million rows of a small model. Each worker
+# still loads the model itself, so it shares no runtime state with this process.
+_START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 # Batches in flight per worker: one running, one waiting, so no worker idles between them.
 _IN_FLIGHT_PER_WORKER = 2
 
@@ -138,14 +142,14 @@ def _score_file(
                     errors.write(json.dumps({ID_COLUMN: _plain(row.id), "reason": row.reason}))
                     errors.write("\n")
                 if writer is None:
-                    writer = pq.ParquetWriter(partial, result.schema)
+                    writer = _writer(partial, result.schema)
                 writer.write_batch(result)
                 scored += result.num_rows
                 rejected += len(failures)
                 progress(scored + rejected)
         if writer is None:
             assert _worker_scorer is not None
-            writer = pq.ParquetWriter(partial, _worker_scorer.output_schema())
+            writer = _writer(partial, _worker_scorer.output_schema())
         writer.close()
         writer = None
         os.replace(errors_partial, errors_target)
@@ -156,6 +160,12 @@ def _score_file(
         partial.unlink(missing_ok=True)
         errors_partial.unlink(missing_ok=True)
     return scored, rejected
+
+
+def _writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    # Dictionary encoding gains nothing on scores and ids, and it took most of the writing time
+    # (0.6 of 0.8 s for a million rows of ten probabilities).
+    return pq.ParquetWriter(path, schema, use_dictionary=False)
 
 
 # A function run in a worker (or in this process), and its arguments.
@@ -207,7 +217,7 @@ def _pool(
 ) -> concurrent.futures.ProcessPoolExecutor:
     return concurrent.futures.ProcessPoolExecutor(
         workers,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=multiprocessing.get_context(_START_METHOD),
         initializer=_load_in_worker,
         initargs=(directory, options),
     )

@@ -201,8 +201,14 @@ def _tensor(
             "dimension but the first to be fixed"
         )
     rows = batch.num_rows
-    for row in np.flatnonzero(np.asarray(column.is_null(), dtype=bool)):
-        reasons.setdefault(int(row), f"column {name!r} is empty")
+    if column.null_count:
+        for row in np.flatnonzero(np.asarray(column.is_null(), dtype=bool)):
+            reasons.setdefault(int(row), f"column {name!r} is empty")
+    whole_rows = pa.types.is_fixed_size_list(column.type) and column.type.list_size == width
+    if whole_rows and not column.null_count:
+        # Every row has the input's values: they are read in place, without a copy.
+        values = _numbers(_list_values(column), spec, name, None)
+        return values.reshape((rows, *spec.shape[1:]))
     if (
         pa.types.is_list(column.type)
         or pa.types.is_fixed_size_list(column.type)
