@@ -248,3 +248,45 @@ def test_usage_errors(
     assert result.returncode == 1
     assert expected_error in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_folder_problems_are_named(pixels: np.ndarray[Any, Any], tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    pq.write_table(pa.table({"pixels": pixel_column(pixels[:50])}), inputs / "a.parquet")
+    (inputs / "b.parquet").write_bytes(b"not parquet at all")
+    broken = run(str(DIGITS), "--input", str(inputs), "--output", str(tmp_path / "out"))
+    assert broken.returncode == 1
+    assert "b.parquet" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    # The file before the broken one is complete, so a rerun after the fix skips it.
+    assert pq.read_table(tmp_path / "out" / "a.parquet").num_rows == 50
+
+    (inputs / "b.parquet").unlink()
+    np.save(inputs / "a.npy", pixels[:5])
+    clash = run(str(DIGITS), "--input", str(inputs), "--output", str(tmp_path / "out2"))
+    assert clash.returncode == 1
+    assert "would both be written as a.parquet" in clash.stderr
+    (inputs / "a.npy").unlink()
+    same = run(str(DIGITS), "--input", str(inputs), "--output", str(inputs))
+    assert same.returncode == 1
+    assert "--output must be another folder than --input" in same.stderr
+
+
+def test_missing_values_inside_lists_are_rejected(
+    pixels: np.ndarray[Any, Any], tmp_path: Path
+) -> None:
+    values: list[Any] = pixels[:4].tolist()
+    values[2][5] = None
+    values[3][7] = float("nan")
+    table = pa.table({"pixels": pa.array(values, pa.list_(pa.float32()))})
+    pq.write_table(table, tmp_path / "holes.parquet")
+    report = report_of(
+        run(str(DIGITS), "--input", str(tmp_path / "holes.parquet"),
+            "--output", str(tmp_path / "out"), "--workers", "1")
+    )  # fmt: skip
+    # A missing value rejects its row; NaN is a number and reaches the model.
+    assert (report["rows"], report["rejected"]) == (3, 1)
+    errors = (tmp_path / "out" / "_errors" / "holes.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in errors] == [2]
+    assert "empty value in its list" in errors[0]

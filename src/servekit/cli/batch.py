@@ -51,7 +51,14 @@ def batch(input_columns: str | None, engine: str, **options: Any) -> None:
         if engine == "spark":
             from servekit.tools.batch.spark import run_spark
 
-            report = run_spark(settings)
+            try:
+                report = run_spark(settings)
+            except (ImportError, RejectedRowError, ValueError, OSError):
+                raise
+            except Exception as exc:
+                # Spark's own errors carry a Java stack trace; its first line says what failed.
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise click.ClickException(f"the Spark job failed: {first[:500]}") from None
         else:
             with _ProgressBar(settings.progress) as progress:
                 report = run_local(settings, progress)

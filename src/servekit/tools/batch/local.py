@@ -24,6 +24,8 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +45,8 @@ PARTIAL = ".partial"
 # and the runtime, which costs more than scoring a million rows of a small model. Each worker
 # still loads the model itself, so it shares no runtime state with this process.
 _START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+# How often a worker checks that the main process is alive.
+_PARENT_POLL_SECONDS = 1.0
 # Batches in flight per worker: one running, one waiting, so no worker idles between them.
 _IN_FLIGHT_PER_WORKER = 2
 
@@ -68,6 +72,15 @@ def input_files(path: Path) -> list[Path]:
     )
     if not files:
         raise ValueError(f"{path} holds no {', '.join(INPUT_SUFFIXES)} file")
+    stems: dict[str, Path] = {}
+    for file in files:
+        other = stems.setdefault(file.stem, file)
+        if other is not file:
+            # Both would be written to the same <stem>.parquet.
+            raise ValueError(
+                f"{other.name} and {file.name} would both be written as {file.stem}.parquet; "
+                "rename one, or score them separately"
+            )
     return files
 
 
@@ -78,6 +91,8 @@ def run_local(
     started = time.monotonic()
     directory = find_version(settings.model_dir, settings.version)
     files = input_files(settings.input_path)
+    if settings.input_path.resolve() == settings.output_path.resolve():
+        raise ValueError("--output must be another folder than --input")
     options = ScoringOptions(settings.input_columns, 1, settings.allow_pickle)
     # Loaded here too, so a model or mapping problem fails before any worker starts.
     scorer = Scorer(directory, options)
@@ -100,10 +115,14 @@ def run_local(
         _worker_scorer = scorer
         for file in pending:
             tasks = _tasks(file, settings.batch_size, columns, input_names)
-            rows, rejected = _score_file(
-                tasks, pool, workers, file, output, settings.fail_fast,
-                lambda done: progress(report.rows + done, total) if progress else None,
-            )  # fmt: skip
+            try:
+                rows, rejected = _score_file(
+                    tasks, pool, workers, file, output, settings.fail_fast,
+                    lambda done: progress(report.rows + done, total) if progress else None,
+                )  # fmt: skip
+            except (pa.ArrowException, ValueError, OSError) as exc:
+                # The files before this one are complete; a rerun after a fix skips them.
+                raise ValueError(f"cannot score {file}: {exc}") from None
             report.rows += rows
             report.rejected += rejected
             report.files_written.append(f"{file.stem}.parquet")
@@ -219,13 +238,21 @@ def _pool(
         workers,
         mp_context=multiprocessing.get_context(_START_METHOD),
         initializer=_load_in_worker,
-        initargs=(directory, options),
+        initargs=(directory, options, os.getpid()),
     )
 
 
-def _load_in_worker(directory: Path, options: ScoringOptions) -> None:
+def _load_in_worker(directory: Path, options: ScoringOptions, parent: int) -> None:
     global _worker_scorer
+    # A worker whose main process was killed (kill -9) stops too, instead of lingering.
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     _worker_scorer = Scorer(directory, options)
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_SECONDS)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _score_batch(
@@ -250,12 +277,19 @@ def _score_row_group(
 
 
 def _row_count(path: Path) -> int | None:
-    """The number of rows, where the file says it without being read."""
+    """The number of rows, where the file says it without being read; None otherwise.
+
+    A file that cannot be opened counts as unknown here, so that it fails in its turn, with
+    its name, after the files before it are written.
+    """
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    if suffix == ".npy":
-        return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+    try:
+        if suffix == ".parquet":
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        if suffix == ".npy":
+            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+    except (pa.ArrowException, ValueError, OSError):
+        return None
     return None
 
 
@@ -268,7 +302,10 @@ def _read(
         # Model columns stay text until they are converted, so one stray word rejects its own
         # row rather than the whole block.
         convert = pa_csv.ConvertOptions(
-            column_types=dict.fromkeys(columns, pa.string()), strings_can_be_null=True
+            column_types=dict.fromkeys(columns, pa.string()),
+            strings_can_be_null=True,
+            # Only an empty cell is missing; "NaN" is a number, as Spark reads it.
+            null_values=[""],
         )
         reader = pa_csv.open_csv(
             path, pa_csv.ReadOptions(block_size=1 << 22), convert_options=convert

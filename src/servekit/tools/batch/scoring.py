@@ -5,8 +5,9 @@ into an output batch (the `id` column and one column per model output) and a lis
 rows. Columns map to inputs by name, or, with `input_columns`, several scalar columns are
 stacked in that order into the model's one input. A list column fills an input with more than
 one value per row (its length must be the input's values per row). Rows that cannot become the
-input (a null, a value that is not a number, a list of the wrong length) are rejected with their
-id and the reason before the model runs. If the model still fails on a batch, the batch is split
+input (a null, also inside a list, a value that is not a number, a list of the wrong length) are
+rejected with their id and the reason before the model runs. NaN is a number: it reaches the
+model, which decides what it means. If the model still fails on a batch, the batch is split
 in halves until the failing rows are found, so one bad row never costs the others their
 predictions.
 """
@@ -205,7 +206,7 @@ def _tensor(
         for row in np.flatnonzero(np.asarray(column.is_null(), dtype=bool)):
             reasons.setdefault(int(row), f"column {name!r} is empty")
     whole_rows = pa.types.is_fixed_size_list(column.type) and column.type.list_size == width
-    if whole_rows and not column.null_count:
+    if whole_rows and not column.null_count and not _list_values(column).null_count:
         # Every row has the input's values: they are read in place, without a copy.
         values = _numbers(_list_values(column), spec, name, None)
         return values.reshape((rows, *spec.shape[1:]))
@@ -221,7 +222,13 @@ def _tensor(
                     f"column {name!r} has {lengths[row]} values, but input {spec.name!r} takes "
                     f"{width} per row"
                 )
-        if not column.null_count and bool((lengths == width).all()):
+        flat = pc.list_flatten(column)
+        if flat.null_count:
+            # A missing value inside a list rejects its row, as a missing list does.
+            parents = np.asarray(pc.list_parent_indices(column))
+            for row in np.unique(parents[np.asarray(flat.is_null(), dtype=bool)]):
+                reasons.setdefault(int(row), f"column {name!r} has an empty value in its list")
+        if not column.null_count and not flat.null_count and bool((lengths == width).all()):
             # Every row is whole: the values are read in place, without a copy.
             values = _numbers(_list_values(column), spec, name, None)
             return values.reshape((rows, *spec.shape[1:]))
@@ -302,7 +309,7 @@ def _arrow_type(spec: TensorSpec) -> pa.DataType:
 def _arrow_column(array: np.ndarray[Any, Any], spec: TensorSpec) -> pa.Array:
     scalar = _ARROW_TYPES[spec.datatype]
     rows = array.shape[0]
-    flat = array.reshape(rows, -1)
+    flat = array.reshape(rows, int(np.prod(array.shape[1:], dtype=np.int64)))
     if _arrow_type(spec) == scalar:
         return pa.array(flat[:, 0], type=scalar)
     values = pa.array(flat.reshape(-1), type=scalar)
