@@ -289,3 +289,22 @@ def test_local_and_spark_engines_agree(
         np.array(distributed.column("probabilities").to_pylist()),
         np.array(local.column("probabilities").to_pylist()),
     )
+
+
+def test_csv_ids_are_int64_like_the_local_engine(
+    spark: Any, pixels: np.ndarray[Any, Any], tmp_path: Path
+) -> None:
+    from servekit.tools.batch.spark import run_spark
+
+    rows = pixels[:20]
+    table = pa.table(
+        {
+            "id": pa.array(range(100, 120), pa.int64()),
+            **{name: rows[:, index] for index, name in enumerate(PIXEL_COLUMNS)},
+        }
+    )
+    pa_csv.write_csv(table, tmp_path / "ids.csv")
+    run_spark(settings(tmp_path / "ids.csv", tmp_path / "out", input_columns=PIXEL_COLUMNS))
+    result = read_predictions(tmp_path / "out")
+    assert result.schema.field("id").type == pa.int64()
+    assert sorted(result.column("id").to_pylist()) == list(range(100, 120))

@@ -256,6 +256,12 @@ def _read(session: SparkSession, reader: str, files: list[Path], columns: list[s
             f"the input has no column {missing[0]!r}; it has {', '.join(frame.columns)}"
         )
     keep = [name for name in (ID_COLUMN, *columns) if name in frame.columns]
+    if ID_COLUMN in frame.columns and reader == "csv":
+        from pyspark.sql.types import IntegerType, LongType
+
+        # CSV ids that fit 32 bits are inferred as int; the local engine reads them as int64.
+        if isinstance(frame.schema[ID_COLUMN].dataType, IntegerType):
+            frame = frame.withColumn(ID_COLUMN, frame[ID_COLUMN].cast(LongType()))
     # `metadataColumn` finds Spark's file metadata even when the data has a `_metadata` column.
     metadata = frame.metadataColumn("_metadata")
     return frame.select(
