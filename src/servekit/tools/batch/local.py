@@ -56,7 +56,7 @@ class RejectedRowError(Exception):
 
 
 def input_files(path: Path) -> list[Path]:
-    """The files to score: `path` itself, or its readable files in name order."""
+    """Return the files to score: `path` itself, or its readable files in name order."""
     if path.is_file():
         if path.suffix.lower() not in INPUT_SUFFIXES:
             raise ValueError(f"cannot read {path}: use {', '.join(INPUT_SUFFIXES)} files")
@@ -71,7 +71,7 @@ def input_files(path: Path) -> list[Path]:
         and not child.name.startswith((".", "_"))
     )
     if not files:
-        raise ValueError(f"{path} holds no {', '.join(INPUT_SUFFIXES)} file")
+        raise ValueError(f"{path} contains no {', '.join(INPUT_SUFFIXES)} file")
     stems: dict[str, Path] = {}
     for file in files:
         other = stems.setdefault(file.stem, file)

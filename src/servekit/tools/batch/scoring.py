@@ -54,7 +54,7 @@ class RejectedRow:
 
 @dataclass(frozen=True)
 class ScoringOptions:
-    """How columns become the model's inputs, and how the runtime runs."""
+    """The mapping of columns to the model's inputs, and the runtime's settings."""
 
     # Scalar columns stacked, in this order, into the model's one input; None maps by name.
     input_columns: tuple[str, ...] | None = None
@@ -107,7 +107,7 @@ class Scorer:
         self._runtime.unload()
 
     def output_schema(self, id_type: pa.DataType | None = None) -> pa.Schema:
-        """The schema of scored batches: `id` (int64 row numbers by default), then outputs."""
+        """Return the schema of scored batches: `id` (int64 by default), then the outputs."""
         fields = [pa.field(ID_COLUMN, id_type or pa.int64())]
         fields += [pa.field(spec.name, _arrow_type(spec)) for spec in self.signature.outputs]
         return pa.schema(fields)
