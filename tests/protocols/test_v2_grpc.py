@@ -325,6 +325,16 @@ def metric(server: ServerProcess, prefix: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
+def metric_reaches(server: ServerProcess, prefix: str, minimum: float) -> bool:
+    """Wait up to 5 s for a counter that the server updates after the client has its answer."""
+    deadline = time.monotonic() + 5
+    while metric(server, prefix) < minimum:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_deadline_exceeded(slow_server: ServerProcess) -> None:
     client = triton.InferenceServerClient(slow_server.grpc_address)
     try:
@@ -334,7 +344,8 @@ def test_deadline_exceeded(slow_server: ServerProcess) -> None:
         assert grpc_code(caught.value) == "StatusCode.DEADLINE_EXCEEDED"
         assert time.monotonic() - started < 0.9
         timed_out = 'servekit_requests_total{code="504",model="slow",protocol="grpc"'
-        assert metric(slow_server, timed_out) >= 1
+        # The server counts the 504 when its own deadline passes, just after the client's.
+        assert metric_reaches(slow_server, timed_out, 1)
         # The next call succeeds.
         result = client.infer("slow", [slow_input(0.0)], client_timeout=10)
         assert result.as_numpy("y").tolist() == [[0.0]]
@@ -401,7 +412,7 @@ def test_cancelled_call_leaves_the_queue(slow_server: ServerProcess) -> None:
     time.sleep(0.3)
     # Only the busy call reached the model; the cancelled one was dropped from the queue.
     assert metric(slow_server, runs) - before == 1
-    assert metric(slow_server, 'servekit_requests_total{code="499",model="slow"') >= 1
+    assert metric_reaches(slow_server, 'servekit_requests_total{code="499",model="slow"', 1)
 
 
 def test_response_over_the_size_limit(slow_server: ServerProcess) -> None:
