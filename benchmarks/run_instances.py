@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run_throughput import free_port, machine, running
+from run_throughput import free_port, machine, running, servekit_command
 
 MODEL = """
 import numpy as np
@@ -67,10 +67,7 @@ def main() -> None:
         np.save(rows, np.random.default_rng(0).random((64, 16), dtype=np.float32))
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        command = [
-            sys.executable, "-m", "servekit", "serve", "--model_repository", str(models),
-            "--rest_api_port", str(port), "--port", "0", "--log_level", "warning",
-        ]  # fmt: skip
+        command = servekit_command(models, port, workers=1)
         with running(command, f"{base}/v2/health/ready"):
             for model in SETTINGS:
                 output = directory / f"{model}.json"

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run_throughput import free_port, machine, running
+from run_throughput import free_port, machine, running, servekit_command
 
 from servekit.examples.minilm.sentences import sample
 
@@ -103,10 +103,7 @@ def main() -> None:
         models = repository(directory, folder)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        command = [
-            sys.executable, "-m", "servekit", "serve", "--model_repository", str(models),
-            "--rest_api_port", str(port), "--port", "0", "--log_level", "warning",
-        ]  # fmt: skip
+        command = servekit_command(models, port, workers=1)
         steps: dict[str, list[Any]] = {}
         with running(command, f"{base}/v2/health/ready"):
             for _ in range(args.rounds):

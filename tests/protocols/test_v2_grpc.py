@@ -326,7 +326,7 @@ def metric(server: ServerProcess, prefix: str) -> float:
 
 
 def metric_reaches(server: ServerProcess, prefix: str, minimum: float) -> bool:
-    """Wait up to 5 s for a counter that the server updates after the client has its answer."""
+    """Wait up to 5 s for a counter that the server updates after the client has its response."""
     deadline = time.monotonic() + 5
     while metric(server, prefix) < minimum:
         if time.monotonic() > deadline:

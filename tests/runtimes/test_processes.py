@@ -56,7 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 def answers(server: ServerProcess, model: str, calls: int = 6) -> set[tuple[int, int]]:
-    """The (process, parent process) pairs that answered `calls` concurrent requests."""
+    """Return the (process, parent process) pairs that served `calls` concurrent requests."""
 
     def call(_: int) -> tuple[int, int]:
         response = httpx.post(
@@ -80,7 +80,7 @@ def test_python_instances_run_in_child_processes(server: ServerProcess) -> None:
     assert {parent for _, parent in seen} == {server.process.pid}
 
 
-def test_one_instance_or_thread_kind_stays_in_the_server(server: ServerProcess) -> None:
+def test_single_or_thread_instances_in_server(server: ServerProcess) -> None:
     assert pids(server, "threads") == {server.process.pid}
     assert pids(server, "single") == {server.process.pid}
 
@@ -96,7 +96,7 @@ def test_errors_cross_the_process_boundary(server: ServerProcess) -> None:
     assert any("ValueError: thirteen" in line for line in server.lines)
 
 
-def test_a_crashed_process_is_replaced(server: ServerProcess) -> None:
+def test_crashed_process_replaced(server: ServerProcess) -> None:
     before = pids(server, "pair")
     crashed = httpx.post(f"{server.url}/v1/models/pair:predict", json={"instances": [99.0]})
     assert crashed.status_code == 500

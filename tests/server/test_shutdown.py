@@ -43,7 +43,7 @@ def test_sigterm_drains_accepted_requests(slow_repository: Path) -> None:
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.2)
-        # While the accepted requests run, the port still answers: not ready, no new work.
+        # While the accepted requests run, the port stays open: not ready, no new work.
         readiness = [httpx.get(f"{url}/v2/health/ready", timeout=5) for _ in range(3)]
         ready_body = readiness[0].json()
         liveness = httpx.get(f"{url}/v2/health/live", timeout=5)
@@ -66,7 +66,7 @@ def test_sigterm_drains_accepted_requests(slow_repository: Path) -> None:
     assert "shutting down" in assert_json_error(late_tf, 503)
     assert "shutting down" in assert_json_error(late_v2, 503)
     assert code == 0
-    # The drain ends when the last request is answered, well before its 10 s limit.
+    # The drain ends with the last response, well before its 10 s limit.
     assert stopped < SLEEP_SECONDS + 1.5
     assert "draining: " in server.log
 

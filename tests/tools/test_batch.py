@@ -229,7 +229,8 @@ def test_rerun_after_a_kill_resumes_without_duplicates(tmp_path: Path) -> None:
         assert table.column("id").to_pylist() == list(range(1000))
         expected_y = np.arange(part * 1000, (part + 1) * 1000, dtype=np.float32) + 1
         assert table.column("y").to_pylist() == expected_y.tolist()
-    assert not list(output.glob(".*partial")) and not list(output.glob("_errors/.*partial"))
+    assert not list(output.glob(".*partial"))
+    assert not list(output.glob("_errors/.*partial"))
 
 
 @pytest.mark.parametrize(

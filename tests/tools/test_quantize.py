@@ -163,7 +163,7 @@ def test_file_inside_a_python_model(mlp: Path) -> None:
 
 
 def test_models_without_quantizable_operators(tmp_path: Path) -> None:
-    """skl2onnx's models (two default-domain opsets, ML operators) get a clear answer."""
+    """skl2onnx's models (two default-domain opsets, ML operators) get a clear error."""
     folder = tmp_path / "digits"
     shutil.copytree(EXAMPLE_REPOSITORY / "digits", folder)
     int8 = run(str(folder), "--version", "1", "--seconds", "0.1")

@@ -56,7 +56,7 @@ def batch(input_columns: str | None, engine: str, **options: Any) -> None:
             except (ImportError, RejectedRowError, ValueError, OSError):
                 raise
             except Exception as exc:
-                # Spark's own errors carry a Java stack trace; its first line says what failed.
+                # Spark's own errors carry a Java stack trace, whose first line names the failure.
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise click.ClickException(f"the Spark job failed: {first[:500]}") from None
         else:

@@ -198,8 +198,8 @@ def tf_serving_container_settings(
     TF Serving's image serves `$MODEL_BASE_PATH/$MODEL_NAME` (MODEL_BASE_PATH defaults to
     /models) under the name `$MODEL_NAME`, so deployments that set those variables switch
     images without changes. They apply when MODEL_NAME is set and no command-line flag names
-    the models; they win over a SERVEKIT_ variable (such as the image's default
-    SERVEKIT_MODEL_REPOSITORY), which is the image's default rather than the deployment's choice.
+    the models. They win over SERVEKIT_ variables, because those (such as the image's
+    SERVEKIT_MODEL_REPOSITORY) are the image's defaults rather than the deployment's choice.
     """
     name = environ.get("MODEL_NAME")
     if not name or any(key in given for key in _SOURCE_SETTINGS):

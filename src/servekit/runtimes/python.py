@@ -106,8 +106,8 @@ class PythonRuntime:
     def _check_shapes(self, arrays: dict[str, np.ndarray[Any, Any]], rows: int | None) -> None:
         """Raise ValueError for an output whose shape breaks its declaration or the row count.
 
-        An output whose first dimension is -1 must have one row per input row, or rows would be
-        answered to the wrong callers once requests are batched together.
+        An output whose first dimension is -1 must have one row per input row, or batched
+        requests would receive rows that belong to other callers.
         """
         for name, array in arrays.items():
             spec = self._outputs[name]

@@ -208,7 +208,7 @@ class ServekitApp:
         if self.draining and _refused_while_draining(path):
             message = "the server is shutting down; send the request to another replica"
             if path == "/v2/health/ready":
-                # The same body as any other not-ready answer of this endpoint.
+                # The same body as any other not-ready response of this endpoint.
                 return json_response({"ready": False, "error": message}, status=503)
             raise UnavailableError(message)
         on_management_port = request.server_port == self.management_port
@@ -243,7 +243,7 @@ class ServekitApp:
 
 
 def _refused_while_draining(path: str) -> bool:
-    """Tell whether a draining server answers `path` with 503: readiness and new inference.
+    """Tell whether a draining server rejects `path` with 503: readiness and new inference.
 
     Liveness, metadata, status and `/metrics` stay up, so the orchestrator does not restart a
     draining process and its last figures can still be scraped.

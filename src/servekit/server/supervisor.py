@@ -127,7 +127,7 @@ class Supervisor:
         if self._failed:
             raise WorkersFailedError("the workers failed to start; see the log above for why")
         if self._forced:
-            # As a single process does, so that a forced stop is told apart from a clean one.
+            # Status 1, as from a single process, so a forced stop differs from a clean one.
             raise SystemExit(1)
 
     def _on_signal(self, sig: int, frame: object) -> None:

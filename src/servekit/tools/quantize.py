@@ -273,7 +273,7 @@ def read_validation(
 
 
 def _rows(feed: dict[str, np.ndarray[Any, Any]], count: int) -> dict[str, np.ndarray[Any, Any]]:
-    """The first `count` rows of every input, repeated when there are fewer."""
+    """Return the first `count` rows of every input, repeated when there are fewer."""
     return {
         name: np.take(array, np.arange(count) % len(array), axis=0) for name, array in feed.items()
     }

@@ -24,7 +24,7 @@ _MIN_WORDS = 3
 
 
 def paragraphs() -> list[str]:
-    """Every paragraph of the listed modules' docstrings, whitespace folded, in a fixed order."""
+    """Return every paragraph of the listed modules' docstrings, whitespace folded, in order."""
     found: dict[str, None] = {}
     # Some names (typing.io, for one) warn when their documentation is read.
     with warnings.catch_warnings():

@@ -113,7 +113,7 @@ class Scorer:
         return pa.schema(fields)
 
     def required_columns(self) -> list[str]:
-        """The input columns the model reads."""
+        """Return the input columns the model reads."""
         if self._options.input_columns is not None:
             return list(self._options.input_columns)
         return list(self.signature.input_names)
@@ -229,8 +229,8 @@ def _tensor(
             for row in np.unique(parents[np.asarray(flat.is_null(), dtype=bool)]):
                 reasons.setdefault(int(row), f"column {name!r} has an empty value in its list")
         if not column.null_count and not flat.null_count and bool((lengths == width).all()):
-            # Every row is whole: the values are read in place, without a copy.
-            values = _numbers(_list_values(column), spec, name, None)
+            # Every row is whole, so the flattened values are the input.
+            values = _numbers(flat, spec, name, None)
             return values.reshape((rows, *spec.shape[1:]))
         good = np.ones(rows, dtype=bool)
         good[list(reasons)] = False
@@ -240,7 +240,7 @@ def _tensor(
         return result.reshape((rows, *spec.shape[1:]))
     if width != 1:
         raise ValueError(
-            f"column {name!r} holds one value per row, but input {spec.name!r} takes {width}; "
+            f"column {name!r} has one value per row, but input {spec.name!r} takes {width}; "
             "use a list column or --input-columns"
         )
     values = _numbers(column, spec, name, reasons)
@@ -248,7 +248,7 @@ def _tensor(
 
 
 def _list_values(column: pa.Array) -> pa.Array:
-    """The values of a list column with no nulls, as one flat array over its rows."""
+    """Return the values of a list column without nulls as one flat array over its rows."""
     if pa.types.is_fixed_size_list(column.type):
         size = column.type.list_size
         return column.values.slice(column.offset * size, len(column) * size)
@@ -301,7 +301,7 @@ def _as_bytes(value: Any) -> bytes:
 
 
 def _arrow_type(spec: TensorSpec) -> pa.DataType:
-    """A scalar for outputs of one value per row, a list for wider ones."""
+    """Return the Arrow type of an output: a scalar for one value per row, else a list."""
     scalar = _ARROW_TYPES[spec.datatype]
     return scalar if all(size == 1 for size in spec.shape[1:]) else pa.list_(scalar)
 

@@ -14,7 +14,7 @@ ERRORS_FOLDER = "_errors"
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """What to score, with which model, and how."""
+    """The data to score, the model to score it with, and the engine's settings."""
 
     model_dir: Path
     input_path: Path
@@ -34,7 +34,7 @@ class BatchSettings:
 
 @dataclass
 class BatchReport:
-    """What a job did: rows scored and rejected, files skipped as already complete."""
+    """The outcome of a job: rows scored and rejected, files written and skipped."""
 
     rows: int = 0
     rejected: int = 0
